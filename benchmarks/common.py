@@ -66,6 +66,7 @@ def machine_description() -> list[tuple[str, str]]:
         ("CPU features", ", ".join(matrix_units) or "-"),
         ("RAM", f"{ram_gib():.1f} GiB"),
         ("Python", platform.python_version()),
+        ("Load average at start (1, 5, 15 min)", ", ".join(_read("/proc/loadavg").split()[:3]) or "-"),
         ("torch", f"{torch.__version__} ({torch.get_num_threads()} threads)"),
         ("transformers", transformers.__version__),
     ]

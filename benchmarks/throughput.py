@@ -58,7 +58,7 @@ class Settings:
     block_size: int = 16
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
-    waste_requests: int = 96
+    waste_requests: int = 64
     waste_min_len: int = 10  # prompt and output lengths: uniform in [min, max], each
     waste_max_len: int = 1000
     waste_max_model_len: int = 2048
@@ -531,9 +531,8 @@ def waste_section(r: Report) -> str:
         "the same running requests on the same steps.\n\n"
         f"Run: {w.num_requests} requests, {w.output_tokens} output tokens in {w.seconds:.1f} s "
         f"({w.output_tokens / w.seconds:,.1f} tok/s), at most {w.peak_running} running at once, "
-        f"{w.preemptions} preemptions. The KV pool holds {w.pool_slots} token slots: a "
-        f"reserve-max_model_len allocator could run only {w.pool_slots // w.max_model_len} requests "
-        "at once in it."
+        f"{w.preemptions} preemptions. The KV pool holds {w.pool_slots} token slots, room for "
+        f"{w.pool_slots // w.max_model_len} requests at once under a reserve-max_model_len allocator."
     )
     return markdown_table(["allocator", "KV slots wasted"], rows) + "\n\n" + notes
 
@@ -582,6 +581,7 @@ def render(r: Report) -> str:
 
 def run(s: Settings, command: str) -> Report:
     start = time.perf_counter()
+    machine = machine_description()  # before anything runs: it records the load average too
     gguf_path = default_model_path()
     config = load_gguf_config(gguf_path)
     cost = ModelCost.from_config(config)
@@ -596,7 +596,7 @@ def run(s: Settings, command: str) -> Report:
         hf += transformers_runs(s, dtype, prompts, checkpoint)
     waste = kv_waste(s, config.vocab_size)
     start_up = startup(s)
-    report = Report(s, command, machine_description(), cost, paged, hf, kv_stats, rooflines, waste, start_up)
+    report = Report(s, command, machine, cost, paged, hf, kv_stats, rooflines, waste, start_up)
     report.total_seconds = time.perf_counter() - start
     return report
 
@@ -605,11 +605,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", help="write the report as Markdown to this file (overwritten)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script quickly")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the start-up child too
     settings = Settings.quick_settings() if args.quick else Settings()
     log("settings: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(settings).items()))
-    command = "python benchmarks/throughput.py" + (" --quick" if args.quick else "") + \
-        (f" --output {args.output}" if args.output else "")
+    flags = [("--quick", args.quick), (f"--threads {args.threads}", args.threads),
+             (f"--output {args.output}", args.output)]
+    command = " ".join(["python benchmarks/throughput.py"] + [flag for flag, on in flags if on])
     text = render(run(settings, command))
     print(text)
     if args.output:

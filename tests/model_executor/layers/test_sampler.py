@@ -122,6 +122,18 @@ def test_top_p_frequencies() -> None:
         assert_matches(observed, reference_distribution(config, LOGITS), NUM_DRAWS)
 
 
+def test_top_p_frequencies_when_every_row_has_top_k() -> None:
+    # All rows are top-k bounded: exercises top-p over the max_top_k candidates instead of a full sort.
+    configs = [
+        SamplingParams(top_k=5, top_p=0.7),
+        SamplingParams(top_k=3, top_p=0.9),
+        SamplingParams(top_k=6, top_p=0.95, temperature=1.3, min_p=0.1),
+        SamplingParams(top_k=2),
+    ]
+    for config, observed in zip(configs, empirical_distributions(configs), strict=True):
+        assert_matches(observed, reference_distribution(config, LOGITS), NUM_DRAWS)
+
+
 def test_seeded_rows_follow_the_distribution() -> None:
     rows, steps = 64, 100
     params = SamplingParams(temperature=1.5, seed=0)
@@ -351,6 +363,8 @@ def test_from_rows_flags_and_tensors() -> None:
     assert not metadata.all_greedy and not metadata.all_random
     assert not metadata.no_top_k and not metadata.no_top_p and not metadata.no_min_p
     assert metadata.max_top_k == 7 and metadata.max_num_logprobs == 4
+    assert not metadata.top_k_on_every_random_row  # row 2 samples without top-k
+    assert make_metadata(params[:2]).top_k_on_every_random_row  # the greedy row doesn't count
     assert metadata.output_token_ids is None and metadata.seen_token_ids is None
     assert metadata.banned_index is not None and metadata.banned_index.tolist() == [[0, 2, 2], [1, 2, 3]]
 
@@ -362,3 +376,21 @@ def test_from_rows_flags_and_tensors() -> None:
 def test_from_rows_rejects_mismatched_lengths() -> None:
     with pytest.raises(ValueError, match="same length"):
         SamplingMetadata.from_rows([SamplingParams()] * 2, [[]], [[], []], [None, None], [[], []], CPU)
+
+
+def test_hand_built_metadata_with_defaults() -> None:
+    # Only the per-row tensors: no flags, unknown max token id (out-of-vocab bans filtered on the device).
+    logits = torch.randn(3, 12)
+    metadata = SamplingMetadata(
+        temperature=torch.tensor([0.0, 1.0, 0.0]),
+        top_p=torch.ones(3),
+        top_k=torch.zeros(3, dtype=torch.int64),
+        min_p=torch.zeros(3),
+        presence_penalty=torch.zeros(3),
+        frequency_penalty=torch.zeros(3),
+        repetition_penalty=torch.ones(3),
+        banned_index=torch.tensor([[2, 2], [int(logits[2].argmax()), 99]]),
+    )
+    tokens = Sampler()(logits, metadata).sampled_token_ids
+    assert int(tokens[0]) == int(logits[0].argmax())
+    assert int(tokens[2]) == int(logits[2].topk(2).indices[1])
