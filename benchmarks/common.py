@@ -67,7 +67,7 @@ def machine_description() -> list[tuple[str, str]]:
         ("RAM", f"{ram_gib():.1f} GiB"),
         ("Python", platform.python_version()),
         ("Load average at start (1, 5, 15 min)", ", ".join(_read("/proc/loadavg").split()[:3]) or "-"),
-        ("torch", f"{torch.__version__} ({torch.get_num_threads()} threads)"),
+        ("torch", f"{torch.__version__}, {torch.get_num_threads()} intra-op thread(s)"),
         ("transformers", transformers.__version__),
     ]
 

@@ -71,7 +71,7 @@ class Settings:
     @classmethod
     def quick_settings(cls) -> Settings:
         return cls(
-            quick=True, prompt_len=16, output_len=16, batch_sizes=(1, 4), hf_single_requests=1,
+            quick=True, prompt_len=16, output_len=16, batch_sizes=(1, 4), hf_single_requests=2,
             hf_batch_sizes=(4,),
             waste_requests=8, waste_min_len=10, waste_max_len=100, waste_max_model_len=256,
             startup_runs=1, matmul_n=1024, copy_mib=256,
@@ -160,9 +160,12 @@ def random_prompts(count: int, length: int, vocab_size: int, seed: int) -> list[
 
 
 def common_prefix_fraction(a: list[list[int]], b: list[list[int]]) -> float:
-    """Mean share of each output that two engines agree on before their first differing token."""
+    """Mean share of each output that two engines agree on before their first differing token.
+
+    Compares the outputs of the prompts both ran (transformers' one-at-a-time run may cover more).
+    """
     fractions = []
-    for x, y in zip(a, b, strict=True):
+    for x, y in zip(a, b, strict=False):
         n = next((i for i, (u, v) in enumerate(zip(x, y, strict=False)) if u != v), min(len(x), len(y)))
         fractions.append(n / max(len(x), 1))
     return sum(fractions) / len(fractions) if fractions else float("nan")

@@ -71,7 +71,7 @@ def make_tokenizer(path: str) -> PreTrainedTokenizerFast:
     return fast
 
 
-def make_checkpoint(path: str, arch: str, seed: int = 0) -> str:
+def make_checkpoint(path: str, arch: str, seed: int = 0, max_shard_size: str | None = None) -> str:
     config_cls, model_cls, extra = ARCHITECTURES[arch]
     config = config_cls(**{**_COMMON, **extra})
     torch.manual_seed(seed)
@@ -82,7 +82,10 @@ def make_checkpoint(path: str, arch: str, seed: int = 0) -> str:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
             else:
                 p.normal_(0.0, 0.2)
-    model.save_pretrained(path)
+    if max_shard_size:
+        model.save_pretrained(path, max_shard_size=max_shard_size)
+    else:
+        model.save_pretrained(path)
     make_tokenizer(path)
     return path
 

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from pagedserve.config import EngineConfig
 from pagedserve.model_executor import gguf_loader
+from pagedserve.model_executor.layers.linear import can_pack, pack_linears
 from pagedserve.model_executor.registry import model_class
 
 
@@ -99,4 +100,6 @@ def load_model(config: EngineConfig) -> nn.Module:
     else:
         weights = iter_safetensors(config.model_path)
     load_weights(model, weights, total=None)
+    if can_pack(config.device, config.dtype):
+        pack_linears(model)
     return model.eval()

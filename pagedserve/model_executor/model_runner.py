@@ -75,7 +75,7 @@ class ModelRunner:
         for attn in self.model.attention_layers():
             # zeros, not empty: padded slots are read (then masked) and garbage could hold NaN
             cache = torch.zeros(
-                2, self.num_kv_blocks, self.block_size, attn.num_kv_heads, attn.head_dim,
+                2, attn.num_kv_heads, self.num_kv_blocks, self.block_size, attn.head_dim,
                 dtype=self.config.dtype, device=self.device,
             )
             attn.kv_cache = cache

@@ -431,3 +431,19 @@ def test_bad_files(tmp_path: "os.PathLike[str]") -> None:
     for path in (not_gguf, missing, truncated_header):
         with pytest.raises(ValueError):
             gl.load_gguf_tokenizer(path)
+
+
+def test_default_model_greedy_equals_transformers(hf_model: torch.nn.Module, hf_tokenizer) -> None:
+    """End to end on the real default model: pagedserve's greedy tokens are transformers' on the same GGUF."""
+    from pagedserve import LLM, SamplingParams
+
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "List three colors:"]
+    llm = LLM(dtype="float32", max_model_len=256, num_kv_blocks=64)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True), use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        ids = hf_tokenizer(prompt, return_tensors="pt").input_ids
+        assert out.prompt_token_ids == ids[0].tolist()
+        with torch.no_grad():
+            ref = hf_model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)[0, ids.shape[1]:]
+        assert out.outputs[0].token_ids == ref.tolist()
+    assert "Paris" in outs[0].outputs[0].text

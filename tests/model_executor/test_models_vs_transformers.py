@@ -4,9 +4,9 @@ import random
 
 import pytest
 import torch
+from conftest import ARCHITECTURES
 from transformers import AutoModelForCausalLM
 
-from conftest import ARCHITECTURES
 from pagedserve import LLM, SamplingParams
 
 MAX_TOKENS = 8
@@ -87,3 +87,16 @@ def test_single_request_matches_batch(checkpoints, references):
     for prompt, (ref_tokens, _) in zip(make_prompts(), references["llama"]):
         out = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
         assert out.outputs[0].token_ids == ref_tokens
+
+
+def test_sharded_safetensors_checkpoint(tmp_path, references):
+    """A checkpoint saved in several shards (model.safetensors.index.json) loads to the same outputs."""
+    from conftest import make_checkpoint
+
+    path = str(tmp_path / "sharded")
+    make_checkpoint(path, "llama", max_shard_size="100KB")
+    import os
+
+    assert os.path.exists(os.path.join(path, "model.safetensors.index.json"))
+    outs, _ = run(path)
+    check(outs, references["llama"])

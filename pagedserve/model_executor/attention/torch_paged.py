@@ -26,7 +26,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64: flat cache slot of each new token
     decode_rows: torch.Tensor  # [Bd] int64: rows of the flat batch that are single-token decodes
     decode_block_tables: torch.Tensor  # [Bd, max_blocks] int64 (padded with 0)
-    decode_mask: torch.Tensor  # [Bd, 1, 1, max_blocks * block_size] bool: True where the slot is context
+    decode_mask: torch.Tensor  # [1, Bd, 1, max_blocks * block_size] bool: True where the slot is context
     prefills: list[PrefillChunk]
 
     @classmethod
@@ -58,7 +58,7 @@ class AttentionMetadata:
             num_decode_blocks = int(((decode_ctx + block_size - 1) // block_size).max())
             decode_tables = decode_tables[:, :num_decode_blocks]
         slots = torch.arange(decode_tables.shape[1] * block_size)
-        decode_mask = (slots[None, :] < decode_ctx[:, None])[:, None, None, :]
+        decode_mask = (slots[None, :] < decode_ctx[:, None])[None, :, None, :]
 
         prefills = [
             PrefillChunk(
@@ -78,10 +78,18 @@ class AttentionMetadata:
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """kv_cache: [2, num_blocks, block_size, Hkv, D]; k, v: [T, Hkv, D]."""
-    num_kv_heads, head_dim = k.shape[1:]
-    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+    """kv_cache: [2, Hkv, num_blocks, block_size, D]; k, v: [T, Hkv, D]."""
+    _, num_kv_heads, num_blocks, block_size, head_dim = kv_cache.shape
+    slots = kv_cache.view(2, num_kv_heads, num_blocks * block_size, head_dim)
+    slots[0].index_copy_(1, slot_mapping, k.transpose(0, 1))
+    slots[1].index_copy_(1, slot_mapping, v.transpose(0, 1))
+
+
+def gather_kv(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """K/V of the given blocks, [2, Hkv, len(block_ids) * block_size, D], in one contiguous copy."""
+    _, num_kv_heads, num_blocks, block_size, head_dim = kv_cache.shape
+    blocks = kv_cache.view(2 * num_kv_heads, num_blocks, block_size, head_dim).index_select(1, block_ids)
+    return blocks.view(2, num_kv_heads, -1, head_dim)
 
 
 def paged_attention(
@@ -100,28 +108,29 @@ def paged_attention(
     group = num_heads // num_kv_heads
 
     if len(meta.decode_rows):
-        num_decodes = len(meta.decode_rows)
-        # [Bd, Hkv, G, D] x [Bd, Hkv, D, L]: GQA without repeating K/V.
-        qd = q[meta.decode_rows].view(num_decodes, num_kv_heads, group, head_dim)
-        kd = kv_cache[0][meta.decode_block_tables].flatten(1, 2).permute(0, 2, 3, 1)
-        vd = kv_cache[1][meta.decode_block_tables].flatten(1, 2).transpose(1, 2)
-        scores = torch.matmul(qd, kd) * scale
+        # [Hkv, Bd, G, D] x [Hkv, Bd, D, L]: GQA without repeating K/V; batched matmuls over (Hkv, Bd).
+        num_decodes, max_blocks = meta.decode_block_tables.shape
+        kv = gather_kv(kv_cache, meta.decode_block_tables.flatten()).view(2, num_kv_heads, num_decodes, -1, head_dim)
+        qd = q[meta.decode_rows].view(num_decodes, num_kv_heads, group, head_dim).transpose(0, 1)
+        scores = torch.matmul(qd, kv[0].transpose(-1, -2)) * scale
         scores.masked_fill_(~meta.decode_mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out[meta.decode_rows] = torch.matmul(probs, vd).view(num_decodes, num_heads, head_dim)
+        out[meta.decode_rows] = torch.matmul(probs, kv[1]).transpose(0, 1).reshape(num_decodes, num_heads, head_dim)
 
     for chunk in meta.prefills:
         rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
-        qp = q[rows].transpose(0, 1)  # [H, Tq, D]
+        qp = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, Tq, D]: 4-D inputs take the fused CPU kernel
         if chunk.context_len == chunk.query_len:  # no cached context: attend to this chunk, causally
             kp, vp = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
-            o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
+            mask = None
         else:
-            kp = kv_cache[0][chunk.block_ids].flatten(0, 1)[: chunk.context_len].transpose(0, 1)
-            vp = kv_cache[1][chunk.block_ids].flatten(0, 1)[: chunk.context_len].transpose(0, 1)
+            kv = gather_kv(kv_cache, chunk.block_ids)[:, :, : chunk.context_len]
+            kp, vp = kv[0], kv[1]
             # query i sits at position context_len - query_len + i and sees keys up to there
             offset = chunk.context_len - chunk.query_len
             mask = torch.ones(chunk.query_len, chunk.context_len, dtype=torch.bool, device=q.device).tril(offset)
-            o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[rows] = o.transpose(0, 1)
+        kp = kp.repeat_interleave(group, dim=0).unsqueeze(0)
+        vp = vp.repeat_interleave(group, dim=0).unsqueeze(0)
+        o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=mask is None, scale=scale)
+        out[rows] = o[0].transpose(0, 1)
     return out

@@ -10,7 +10,7 @@ class Attention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
-        self.kv_cache = torch.empty(0)  # [2, num_blocks, block_size, Hkv, D], bound by the model runner
+        self.kv_cache = torch.empty(0)  # [2, Hkv, num_blocks, block_size, D], bound by the model runner
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q: [T, H*D], k, v: [T, Hkv*D] -> [T, H*D]."""

@@ -1,0 +1,21 @@
+import subprocess
+import sys
+
+
+def test_generate_default_model_offline():
+    """`pagedserve generate` with no model completes the capital of France on the bundled model."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pagedserve.entrypoints.cli", "generate", "--max-tokens", "8", "--num-kv-blocks", "32"],
+        capture_output=True, text=True, timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("The capital of France is")
+    assert "Paris" in result.stdout
+
+
+def test_generate_bad_model_is_a_clear_error(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "pagedserve.entrypoints.cli", "generate", str(tmp_path / "nope")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2 and "not a local path" in result.stderr
