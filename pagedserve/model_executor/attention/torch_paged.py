@@ -86,10 +86,17 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
 
 
 def gather_kv(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
-    """K/V of the given blocks, [2, Hkv, len(block_ids) * block_size, D], in one contiguous copy."""
+    """K/V of the given blocks, [2, Hkv, len(block_ids) * block_size, D], contiguous.
+
+    One dim-0 `index_select` per (K/V, head) slice: each copies whole contiguous blocks, where a single
+    `index_select` on dim 1 takes a slow strided path (7x slower here at 256 sequences).
+    """
     _, num_kv_heads, num_blocks, block_size, head_dim = kv_cache.shape
-    blocks = kv_cache.view(2 * num_kv_heads, num_blocks, block_size, head_dim).index_select(1, block_ids)
-    return blocks.view(2, num_kv_heads, -1, head_dim)
+    slices = kv_cache.view(2 * num_kv_heads, num_blocks, block_size, head_dim)
+    out = kv_cache.new_empty(2 * num_kv_heads, len(block_ids), block_size, head_dim)
+    for i in range(2 * num_kv_heads):
+        torch.index_select(slices[i], 0, block_ids, out=out[i])
+    return out.view(2, num_kv_heads, -1, head_dim)
 
 
 def paged_attention(
