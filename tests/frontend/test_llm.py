@@ -163,3 +163,23 @@ def test_unknown_architecture_and_missing_model(tmp_path, llama_dir):
         LLM(llama_dir, not_an_arg=1)
     with pytest.raises(ValueError, match="dtype"):
         LLM(llama_dir, dtype="float8")
+
+
+def test_float16_and_bfloat16_run(llama_dir):
+    for dtype in ("float16", "bfloat16"):
+        llm = LLM(llama_dir, dtype=dtype, max_model_len=128, num_kv_blocks=16)
+        out = llm.generate("The quick", SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)[0]
+        assert len(out.outputs[0].token_ids) == 4
+        assert_no_leaks(llm)
+
+
+def test_gguf_file_inside_a_directory():
+    """vLLM's spelling for GGUF: the directory as `model`, the file as `gguf_file`."""
+    import os
+
+    from pagedserve.model_executor.gguf_loader import default_model_path
+
+    directory, name = os.path.split(default_model_path())
+    llm = LLM(directory, gguf_file=name, dtype="float32", max_model_len=64, num_kv_blocks=8)
+    out = llm.generate("The capital of France is", SamplingParams(max_tokens=3, temperature=0), use_tqdm=False)[0]
+    assert "Paris" in out.outputs[0].text

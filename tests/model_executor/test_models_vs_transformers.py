@@ -75,7 +75,7 @@ def test_preemption(checkpoints, references, arch):
 
 
 @pytest.mark.parametrize("block_size", [8, 32])
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_block_sizes(checkpoints, references, arch, block_size):
     outs, _ = run(checkpoints[arch], block_size=block_size, max_num_batched_tokens=64)
     check(outs, references[arch])
