@@ -106,8 +106,13 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         hf_config = gguf_loader.load_gguf_config(gguf_path)
     else:
         hf_config = AutoConfig.from_pretrained(model_path, local_files_only=True)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as e:
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {args.device!r}") from e
     dtype = resolve_dtype(args.dtype, hf_config, device)
 
     derived_max_len = getattr(hf_config, "max_position_embeddings", None) or 2048
