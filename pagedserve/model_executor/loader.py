@@ -30,12 +30,12 @@ def iter_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
                 yield key, f.get_tensor(key)
 
 
-def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]], total: int | None) -> None:
+def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
     """Copy checkpoint tensors into the model, routing q/k/v and gate/up into their fused parameters."""
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
     stacked = getattr(model, "stacked_params", {})
-    for name, tensor in tqdm(weights, total=total, desc="Loading weights", unit="tensor", leave=False):
+    for name, tensor in tqdm(weights, desc="Loading weights", unit="tensor", leave=False):
         if "rotary_emb.inv_freq" in name:
             continue
         shard = None
@@ -99,7 +99,7 @@ def load_model(config: EngineConfig) -> nn.Module:
         weights = gguf_loader.iter_gguf_tensors(config.gguf_path, config.dtype)
     else:
         weights = iter_safetensors(config.model_path)
-    load_weights(model, weights, total=None)
+    load_weights(model, weights)
     if can_pack(config.device, config.dtype):
         pack_linears(model)
     return model.eval()

@@ -116,7 +116,7 @@ def paged_attention(
 
     if len(meta.decode_rows):
         # [Hkv, Bd, G, D] x [Hkv, Bd, D, L]: GQA without repeating K/V; batched matmuls over (Hkv, Bd).
-        num_decodes, max_blocks = meta.decode_block_tables.shape
+        num_decodes = len(meta.decode_rows)
         kv = gather_kv(kv_cache, meta.decode_block_tables.flatten()).view(2, num_kv_heads, num_decodes, -1, head_dim)
         qd = q[meta.decode_rows].view(num_decodes, num_kv_heads, group, head_dim).transpose(0, 1)
         scores = torch.matmul(qd, kv[0].transpose(-1, -2)) * scale
