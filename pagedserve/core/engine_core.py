@@ -22,6 +22,7 @@ class EngineCoreOutput:
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
     error: str | None = None
+    index: int = 0  # which of the request's n samples this is
 
     @property
     def finished(self) -> bool:
