@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: serve test bench lint generate
+.PHONY: serve test bench
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -15,9 +15,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 serve: $(STAMP)
-	.venv/bin/pagedserve generate --prompt "The capital of France is"
-
-generate: serve
+	@echo 'OpenAI server on http://127.0.0.1:8000/v1 (default model). Try, from another shell:'
+	@echo "  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\"
+	@echo "    -d '{\"messages\": [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}]}'"
+	.venv/bin/pagedserve serve --host 127.0.0.1 --port 8000
 
 test: $(STAMP)
 	.venv/bin/ruff check pagedserve tests benchmarks

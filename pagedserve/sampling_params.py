@@ -22,6 +22,12 @@ _SEED_MIN = -(2**63)
 _SEED_MAX = 2**64 - 1
 
 
+class RequestOutputKind(enum.IntEnum):
+    CUMULATIVE = 0  # every output carries everything generated so far
+    DELTA = 1  # only what is new since the last output (streaming)
+    FINAL_ONLY = 2  # one output, when the request finishes
+
+
 class SamplingType(enum.IntEnum):
     GREEDY = 0
     RANDOM = 1
@@ -94,6 +100,7 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         self.n = _as_int("n", self.n)
@@ -172,6 +179,7 @@ class SamplingParams:
         self.logprobs = self._normalise_logprobs("logprobs", self.logprobs)
         self.prompt_logprobs = self._normalise_logprobs("prompt_logprobs", self.prompt_logprobs)
         self.logit_bias = self._normalise_logit_bias(self.logit_bias)
+        self.output_kind = RequestOutputKind(self.output_kind)
 
         if self.temperature < SAMPLING_EPS:
             # Greedy decoding: truncation has no effect on the argmax, so switch it off (as vLLM does).

@@ -1,7 +1,8 @@
-"""`pagedserve generate [MODEL] --prompt ...` (and, later, `serve` and `bench`)."""
+"""`pagedserve generate [MODEL]`, `pagedserve serve [MODEL]`, `pagedserve bench serve`."""
 
 import argparse
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -10,10 +11,19 @@ from pagedserve.config import EngineArgs
 
 _HELP = {
     "model": "HF checkpoint directory or .gguf file (default: the bundled SmolLM2-135M-Instruct GGUF)",
-    "dtype": "float32, bfloat16, float16 or auto",
+    "tokenizer": "tokenizer directory (default: the model's)",
+    "gguf_file": "a .gguf file inside the MODEL directory",
+    "dtype": "float32, bfloat16, float16 or auto (the checkpoint's; bf16 only on CPUs with AVX512-BF16/AMX)",
+    "max_model_len": "longest prompt + output, in tokens (default: the config's max_position_embeddings)",
+    "block_size": "tokens per KV-cache block",
+    "max_num_seqs": "most sequences in one step",
+    "max_num_batched_tokens": "most tokens in one step; longer prompts are prefilled in chunks (default 2048)",
     "kv_cache_memory_bytes": "KV cache size in bytes (default: a share of free memory)",
     "num_kv_blocks": "number of KV blocks (overrides --kv-cache-memory-bytes)",
+    "num_gpu_blocks_override": "vLLM's name for --num-kv-blocks",
     "enable_prefix_caching": "reuse the KV of cached prompt prefixes",
+    "seed": "global random seed (per-request seeds come with each request)",
+    "device": "cpu, cuda or auto",
 }
 
 
@@ -49,9 +59,65 @@ def _generate(ns: argparse.Namespace) -> None:
     print(out.outputs[0].text)
 
 
+def _read_chat_template(value: str | None) -> str | None:
+    """--chat-template is a file path or the Jinja template itself (as vLLM)."""
+    if value is None or not os.path.isfile(value):
+        return value
+    with open(value) as f:
+        return f.read()
+
+
+def _served_model_name(ns: argparse.Namespace) -> str:
+    if ns.served_model_name:
+        return ns.served_model_name
+    if ns.model:
+        return ns.model
+    from pagedserve.model_executor.gguf_loader import default_model_path
+
+    return os.path.basename(default_model_path()).split(".")[0]
+
+
+def _serve(ns: argparse.Namespace) -> None:
+    from pagedserve.entrypoints.openai.api_server import run_server
+    from pagedserve.frontend.async_llm import AsyncLLM
+
+    model_name = _served_model_name(ns)
+    engine = AsyncLLM(engine_args_from(ns), ns.engine_placement, model_name, ns.log_interval,
+                      ns.max_waiting_requests)
+    run_server(engine, model_name, ns.host, ns.port, ns.api_key, _read_chat_template(ns.chat_template),
+               ns.shutdown_timeout)
+
+
+def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser("serve", help="start the OpenAI-compatible server",
+                           description="Start the OpenAI-compatible HTTP server (flags named as `vllm serve`'s).")
+    serve.add_argument("model", nargs="?", default=None, help=_HELP["model"])
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument("--api-key", default=os.environ.get("PAGEDSERVE_API_KEY"),
+                       help="require `Authorization: Bearer KEY` on every /v1 route (or $PAGEDSERVE_API_KEY)")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model id clients send and /v1/models lists (default: MODEL as given)")
+    serve.add_argument("--chat-template", default=None,
+                       help="a Jinja chat template, or a file holding one (default: the tokenizer's)")
+    serve.add_argument("--max-waiting-requests", type=int, default=4096,
+                       help="requests allowed to wait beyond the running batch; past it new ones get 503")
+    serve.add_argument("--engine-placement", choices=["thread", "process"], default="thread",
+                       help="run the engine loop in a thread of the server or in its own process (ZeroMQ)")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="seconds in-flight requests get to finish after SIGTERM before they are aborted")
+    serve.add_argument("--log-interval", type=float, default=5.0, help="seconds between throughput log lines")
+    add_engine_args(serve)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pagedserve")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve_parser(sub)
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    from pagedserve.benchmarks import serve as bench_serve
+
+    bench_serve.add_arguments(bench.add_parser("serve", help="serving benchmark against an OpenAI-compatible URL"))
     gen = sub.add_parser("generate", help="complete one prompt and print it")
     gen.add_argument("model", nargs="?", default=None, help=_HELP["model"])
     gen.add_argument("--prompt", default="The capital of France is")
@@ -65,6 +131,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if ns.command == "generate":
             _generate(ns)
+        elif ns.command == "serve":
+            _serve(ns)
+        elif ns.command == "bench":
+            bench_serve.main(ns)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

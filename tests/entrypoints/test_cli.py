@@ -19,3 +19,17 @@ def test_generate_bad_model_is_a_clear_error(tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2 and "not a local path" in result.stderr
+
+
+def test_serve_help_documents_vllm_flags():
+    result = subprocess.run([sys.executable, "-m", "pagedserve.entrypoints.cli", "serve", "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    flags = ["--host", "--port", "--api-key", "--served-model-name", "--max-model-len", "--dtype", "--block-size",
+             "--max-num-seqs", "--max-num-batched-tokens", "--kv-cache-memory-bytes", "--enable-prefix-caching",
+             "--no-enable-prefix-caching", "--seed", "--chat-template", "--max-waiting-requests",
+             "--engine-placement"]
+    for flag in flags:
+        assert flag in result.stdout
+    help_text = " ".join(result.stdout.split())
+    assert "most tokens in one step" in help_text and "tokens per KV-cache block" in help_text

@@ -1,0 +1,116 @@
+"""AsyncLLM in-process: streaming kinds, abort, engine faults that fail only their own requests."""
+
+import asyncio
+
+import pytest
+
+from pagedserve import LLM, EngineArgs, SamplingParams
+from pagedserve.frontend.async_llm import AsyncLLM
+from pagedserve.sampling_params import RequestOutputKind
+
+
+@pytest.fixture(scope="module")
+def args(llama_dir):
+    return EngineArgs(model=llama_dir, dtype="float32", max_model_len=256, num_kv_blocks=64)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def collect(engine, prompt, params, request_id):
+    return [out async for out in engine.generate(prompt, params, request_id)]
+
+
+def test_output_kinds(args, llama_dir):
+    expected = LLM(llama_dir, dtype="float32", max_model_len=256, num_kv_blocks=64).generate(
+        "The quick", SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), use_tqdm=False)[0].outputs[0]
+
+    async def main():
+        engine = AsyncLLM(args)
+        try:
+            results = {}
+            for kind in RequestOutputKind:
+                params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, output_kind=kind)
+                results[kind] = await collect(engine, "The quick", params, f"r-{kind.name}")
+            return results
+        finally:
+            engine.shutdown()
+
+    results = run(main())
+    deltas = results[RequestOutputKind.DELTA]
+    assert "".join(o.outputs[0].text for o in deltas) == expected.text
+    assert sum((o.outputs[0].token_ids for o in deltas), []) == expected.token_ids
+    assert [o.finished for o in deltas] == [False] * (len(deltas) - 1) + [True]
+    cumulative = results[RequestOutputKind.CUMULATIVE]
+    assert [len(o.outputs[0].token_ids) for o in cumulative] == list(range(1, 9))
+    assert cumulative[-1].outputs[0].text == expected.text
+    (final,) = results[RequestOutputKind.FINAL_ONLY]
+    assert final.finished and final.outputs[0].token_ids == expected.token_ids
+
+
+def test_breaking_out_aborts_and_frees_blocks(args):
+    async def main():
+        engine = AsyncLLM(args)
+        try:
+            params = SamplingParams(max_tokens=200, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+            async for out in engine.generate("The quick", params, "long"):
+                if len(out.outputs[0].token_ids) >= 1:
+                    break
+            stats = await engine.engine_stats()
+            while stats["num_requests_running"] or stats["num_requests_waiting"]:
+                stats = await engine.engine_stats()
+            return stats, engine.num_unfinished_requests
+        finally:
+            engine.shutdown()
+
+    stats, unfinished = run(main())
+    assert unfinished == 0
+    assert stats["num_kv_blocks_free"] == stats["num_kv_blocks_total"]
+
+
+def test_engine_fault_fails_only_its_requests(args):
+    async def main():
+        engine = AsyncLLM(args)
+        try:
+            runner = engine.client.core.model_runner
+            real_execute = runner.execute
+            calls = {"n": 0}
+
+            def flaky(scheduled):
+                calls["n"] += 1
+                if calls["n"] == 1:
+                    raise RuntimeError("injected fault")
+                return real_execute(scheduled)
+
+            runner.execute = flaky
+            params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True,
+                                    output_kind=RequestOutputKind.FINAL_ONLY)
+            (failed,) = await collect(engine, "a", params, "victim")
+            (ok,) = await collect(engine, "b", params, "survivor")
+            stats = await engine.engine_stats()
+            return failed, ok, stats
+        finally:
+            engine.shutdown()
+
+    failed, ok, stats = run(main())
+    assert failed.outputs[0].finish_reason == "error"
+    assert ok.outputs[0].finish_reason == "length" and len(ok.outputs[0].token_ids) == 4
+    assert stats["num_kv_blocks_free"] == stats["num_kv_blocks_total"]
+
+
+def test_bad_input_raises_value_error(args):
+    async def main():
+        engine = AsyncLLM(args)
+        try:
+            with pytest.raises(ValueError, match="max_model_len"):
+                await collect(engine, {"prompt_token_ids": [5] * 300}, SamplingParams(), "too-long")
+            with pytest.raises(ValueError, match="already in use"):
+                gen = engine.generate("x", SamplingParams(max_tokens=50, ignore_eos=True), "dup")
+                await gen.__anext__()
+                await collect(engine, "y", SamplingParams(), "dup")
+            await gen.aclose()
+        finally:
+            engine.shutdown()
+
+    run(main())
