@@ -27,7 +27,7 @@ class EngineArgs:
     kv_cache_memory_bytes: int | None = None
     num_kv_blocks: int | None = None
     num_gpu_blocks_override: int | None = None  # vLLM's name for num_kv_blocks
-    enable_prefix_caching: bool = False
+    enable_prefix_caching: bool = True
     seed: int = 0
     device: str = "auto"
 

@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from pagedserve.sampling_params import SamplingParams, SamplingType
+from pagedserve.sampling_params import RequestOutputKind, SamplingParams, SamplingType
 
 # vLLM's documented SamplingParams defaults (the fields this engine supports).
 VLLM_DEFAULTS = {
@@ -26,6 +26,7 @@ VLLM_DEFAULTS = {
     "spaces_between_special_tokens": True,
     "include_stop_str_in_output": False,
     "logit_bias": None,
+    "output_kind": RequestOutputKind.CUMULATIVE,
 }
 
 

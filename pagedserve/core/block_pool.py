@@ -69,6 +69,11 @@ class BlockPool:
             if block.ref_cnt == 0:
                 self.free_queue[block.block_id] = None
 
+    def uncache(self, blocks: list[KVBlock]) -> None:
+        """Forget the hashes of blocks whose K/V may not have been written (a failed step)."""
+        for block in blocks:
+            self._evict(block)
+
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash; refused (False) while any block is in use."""
         if self.num_free_blocks != self.num_blocks:

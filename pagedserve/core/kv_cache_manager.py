@@ -1,4 +1,4 @@
-"""Per-request block tables over the block pool: allocate, grow, free, and prefix-cache hits."""
+"""Per-request block tables over the block pool: allocate, grow, fork, copy-on-write, free, prefix-cache hits."""
 
 import hashlib
 import pickle
@@ -15,6 +15,12 @@ def hash_block(parent_hash: bytes | None, token_ids: list[int], extra_keys: tupl
     return hashlib.sha256(pickle.dumps((parent_hash, tuple(token_ids), extra_keys))).digest()
 
 
+def block_extra_keys(request: Request, block_index: int) -> tuple:
+    """What besides its token ids decides a block's K/V: the cache salt, on the first block (the chain
+    carries it to the rest). A LoRA id or the hashes of images overlapping the block would go here too."""
+    return (request.cache_salt,) if block_index == 0 and request.cache_salt else ()
+
+
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
         self.block_size = block_size
@@ -23,7 +29,9 @@ class KVCacheManager:
         self.req_blocks: dict[str, list[KVBlock]] = {}
         self.req_block_hashes: dict[str, list[bytes]] = {}
         self.req_num_cached_blocks: dict[str, int] = {}
-        self.prefix_cache_queries = 0  # tokens looked up
+        # Copy-on-write copies (src block id, dst block id) decided since the last take_block_copies().
+        self.block_copies: list[tuple[int, int]] = []
+        self.prefix_cache_queries = 0  # tokens looked up, once per admission
         self.prefix_cache_hits = 0  # tokens found
 
     @property
@@ -48,8 +56,7 @@ class KVCacheManager:
             bs = self.block_size
             for i in range(len(hashes), num_full):
                 parent = hashes[-1] if hashes else None
-                extra = (request.cache_salt,) if i == 0 and request.cache_salt else ()
-                hashes.append(hash_block(parent, token_ids[i * bs : (i + 1) * bs], extra))
+                hashes.append(hash_block(parent, token_ids[i * bs : (i + 1) * bs], block_extra_keys(request, i)))
         return hashes
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
@@ -67,32 +74,59 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
-        num_hit_tokens = len(hits) * self.block_size
-        self.prefix_cache_queries += request.num_tokens
-        self.prefix_cache_hits += num_hit_tokens
-        return hits, num_hit_tokens
+        return hits, len(hits) * self.block_size
+
+    def record_prefix_lookup(self, request: Request, num_hit_tokens: int) -> None:
+        """Count an admission's lookup (a resumed preempted request looks up again), not retries that wait."""
+        if self.enable_prefix_caching:
+            self.prefix_cache_queries += request.num_tokens
+            self.prefix_cache_hits += num_hit_tokens
 
     def allocate_slots(
         self, request: Request, num_new_tokens: int, new_computed_blocks: list[KVBlock] | None = None
     ) -> bool:
-        """Make room for `num_new_tokens` more tokens after the computed ones; False if the pool is short."""
+        """Make room for `num_new_tokens` more tokens after the computed ones; False if the pool is short.
+
+        The first block written to, if shared with another sample (ref count > 1), is replaced by a copy.
+        """
         new_computed_blocks = new_computed_blocks or []
         blocks = self.req_blocks.setdefault(request.request_id, [])
         num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
         total = num_computed + num_new_tokens
-        num_needed = self.num_blocks_needed(total) - len(blocks) - len(new_computed_blocks)
+        num_needed = max(self.num_blocks_needed(total) - len(blocks) - len(new_computed_blocks), 0)
+        write_index = num_computed // self.block_size
+        copy_on_write = write_index < len(blocks) and blocks[write_index].ref_cnt > 1
         num_free_hits = sum(1 for block in new_computed_blocks if block.ref_cnt == 0)
-        if max(num_needed, 0) + num_free_hits > self.pool.num_free_blocks:
+        if num_needed + copy_on_write + num_free_hits > self.pool.num_free_blocks:
             return False
         self.pool.touch(new_computed_blocks)
         blocks.extend(new_computed_blocks)
-        if num_needed > 0:
+        if copy_on_write:
+            (copy,) = self.pool.allocate(1)
+            self.block_copies.append((blocks[write_index].block_id, copy.block_id))
+            self.pool.free([blocks[write_index]])  # the other samples keep it
+            blocks[write_index] = copy
+        if num_needed:
             blocks.extend(self.pool.allocate(num_needed))
         if self.enable_prefix_caching:
             self._cache_full_blocks(request, blocks, total)
         return True
 
+    def fork(self, parent: Request, child: Request) -> None:
+        """Give `child` the parent's block table, shared by reference count (and what is known of its hashes)."""
+        blocks = self.req_blocks[parent.request_id]
+        self.pool.touch(blocks)
+        self.req_blocks[child.request_id] = list(blocks)
+        if self.enable_prefix_caching:
+            self.req_block_hashes[child.request_id] = list(self.block_hashes(parent))
+            self.req_num_cached_blocks[child.request_id] = self.req_num_cached_blocks.get(parent.request_id, 0)
+
+    def take_block_copies(self) -> list[tuple[int, int]]:
+        copies, self.block_copies = self.block_copies, []
+        return copies
+
     def free(self, request: Request) -> None:
+        """Drop the request's blocks (e.g. preempted); it keeps its hashes, to find them again as hits."""
         blocks = self.req_blocks.pop(request.request_id, [])
         self.pool.free(list(reversed(blocks)))
         self.req_num_cached_blocks.pop(request.request_id, None)
@@ -101,6 +135,10 @@ class KVCacheManager:
         """Drop everything kept for a finished request (its hashes too)."""
         self.free(request)
         self.req_block_hashes.pop(request.request_id, None)
+
+    def uncache(self, request: Request) -> None:
+        """Forget the hashes of the request's blocks: a failed step may have left their K/V unwritten."""
+        self.pool.uncache(self.req_blocks.get(request.request_id, []))
 
     def reset_prefix_cache(self) -> bool:
         return self.pool.reset_prefix_cache()

@@ -34,9 +34,9 @@ _FINISH_REASONS = {
 }
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: compared by identity (running.remove, `in waiting`)
 class Request:
-    request_id: str
+    request_id: str  # unique per sample: the key of its block table and generator
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     eos_token_id: int | None
@@ -52,6 +52,11 @@ class Request:
     stop_reason: int | str | None = None
     error: str | None = None
     num_preemptions: int = 0
+    # The caller's id and which of its n samples this is (EngineCore sets request_id to f"{it}#{index}").
+    client_request_id: str = ""
+    index: int = 0
+    # Samples that start from this one's blocks once its prompt is computed (n > 1; see Scheduler.fork).
+    pending_forks: list["Request"] = field(default_factory=list)
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -2,7 +2,8 @@
 
 Each step: running requests first (their next token, or next prefill chunk), preempting the newest
 running request when blocks run out; then waiting requests in FCFS order while budget, sequence cap
-and free blocks allow. The scheduler deals in requests and block ids only, never tensors.
+and free blocks allow. The scheduler deals in requests and block ids only, never tensors: a block a
+request must copy before writing to it (copy-on-write, n > 1) is a (src, dst) pair for the model runner.
 """
 
 from collections import deque
@@ -29,6 +30,8 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     # Requests finished at scheduling time (e.g. can never fit in the KV cache).
     finished: list[Request] = field(default_factory=list)
+    # (src, dst) block ids to copy in every layer before the forward: copy-on-write of shared blocks.
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_scheduled_tokens(self) -> int:
@@ -94,9 +97,13 @@ class Scheduler:
             out.scheduled.append(ScheduledRequest(request, num_new, self.kv.get_block_ids(request.request_id)))
             budget -= num_new
 
-        # Admit waiting requests only if nothing had to be preempted this step.
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+        # Admit waiting requests only if nothing had to be preempted this step. A request's n samples
+        # take n of the max_num_seqs seats from its admission on.
+        num_seqs = sum(1 + len(r.pending_forks) for r in self.running)
+        while self.waiting and budget > 0 and not preempted:
             request = self.waiting[0]
+            if num_seqs + 1 + len(request.pending_forks) > self.max_num_seqs:
+                break
             if self.kv.num_blocks_needed(request.num_tokens + 1) > self.kv.pool.num_blocks:
                 self.waiting.popleft()
                 request.status = RequestStatus.FINISHED_ERROR
@@ -110,6 +117,7 @@ class Scheduler:
             num_new = min(request.num_tokens - num_hit_tokens, budget)
             if not self.kv.allocate_slots(request, num_new, hit_blocks):
                 break
+            self.kv.record_prefix_lookup(request, num_hit_tokens)
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = num_hit_tokens
@@ -117,7 +125,23 @@ class Scheduler:
             self.running.append(request)
             out.scheduled.append(ScheduledRequest(request, num_new, self.kv.get_block_ids(request.request_id)))
             budget -= num_new
+            num_seqs += 1 + len(request.pending_forks)
+        out.block_copies = self.kv.take_block_copies()
         return out
+
+    def fork(self, request: Request) -> None:
+        """Start a request's other samples once its prompt is computed (n > 1).
+
+        They share its blocks and each computes the prompt's last token again, in a row of its own, to
+        sample its own first token; writing that token copies the shared last block (copy-on-write).
+        """
+        for sample in request.pending_forks:
+            self.kv.fork(request, sample)
+            sample.status = RequestStatus.RUNNING
+            sample.num_computed_tokens = request.num_prompt_tokens - 1
+            sample.num_cached_tokens = request.num_cached_tokens
+            self.running.append(sample)
+        request.pending_forks = []
 
     def finish(self, request: Request, status: RequestStatus) -> None:
         """Finish (stop, length, abort, error) a request wherever it is, and free its blocks."""

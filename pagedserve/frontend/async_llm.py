@@ -112,7 +112,7 @@ class AsyncLLM:
                     f"the server is at capacity: {num_waiting} requests are already waiting "
                     f"(--max-waiting-requests {self.max_waiting_requests}); retry later"
                 )
-        prompt_text, prompt_token_ids = self.input_processor(prompt)
+        prompt_text, prompt_token_ids = self.input_processor(prompt, params)
         state = self.processor.add_request(request_id, prompt_text, prompt_token_ids, params)
         self.streams[request_id] = asyncio.Queue()
         self.client.send(AddRequest(request_id, prompt_token_ids, params, cache_salt))

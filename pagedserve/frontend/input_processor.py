@@ -3,30 +3,25 @@
 from transformers import PreTrainedTokenizerBase
 
 from pagedserve.config import EngineConfig
+from pagedserve.core.engine_core import validate_request
+from pagedserve.sampling_params import SamplingParams
 
 PromptType = str | dict
 
 
 class InputProcessor:
     def __init__(self, config: EngineConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.config = config
         self.tokenizer = tokenizer
-        self.vocab_size = config.hf_config.vocab_size
-        self.max_model_len = config.max_model_len
 
-    def __call__(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        """(prompt text or None, token ids); ValueError for a malformed, empty, out-of-vocabulary or too-long prompt."""
-        text, token_ids = self._tokenize(prompt)
-        if not token_ids:
-            raise ValueError("the prompt is empty: at least one token is needed")
-        if min(token_ids) < 0 or max(token_ids) >= self.vocab_size:
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size}), got {min(token_ids)}..."
-                             f"{max(token_ids)}")
-        if len(token_ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(token_ids)} tokens, but max_model_len is {self.max_model_len}: "
-                             "no room to generate")
+    def __call__(self, prompt: PromptType, params: SamplingParams) -> tuple[str | None, list[int]]:
+        """(prompt text or None, token ids); ValueError for a malformed prompt or one the engine cannot run
+        (empty, out-of-vocabulary, too long, n over max_num_seqs, ...)."""
+        text, token_ids = self.tokenize(prompt)
+        validate_request(self.config, token_ids, params)
         return text, token_ids
 
-    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+    def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:

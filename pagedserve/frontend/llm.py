@@ -53,7 +53,7 @@ class LLM:
         params = [sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams) else sampling_params
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
-        requests = [self.input_processor(p) for p in prompts]  # every prompt is validated before any runs
+        requests = [self.input_processor(p, sp) for p, sp in zip(prompts, params)]  # all checked before any runs
         return self._run(requests, list(params), use_tqdm)
 
     def chat(

@@ -76,16 +76,18 @@ class OpenAIServing:
         """Tokenize and validate every prompt; ValueError (-> 400) before anything reaches the engine."""
         prepared = []
         for prompt in prompts:
-            text, token_ids = self.engine.input_processor(prompt)
-            tokens = max_tokens if max_tokens is not None else self.max_model_len - len(token_ids)
+            text, token_ids = self.engine.input_processor.tokenize(prompt)
+            tokens = max_tokens if max_tokens is not None else max(1, self.max_model_len - len(token_ids))
             if len(token_ids) + tokens > self.max_model_len:
                 raise ContextLengthError(
                     f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
                     f"{len(token_ids) + tokens} tokens ({len(token_ids)} in the prompt, {tokens} in the completion). "
                     "Please reduce the length of the prompt or completion."
                 )
+            engine_prompt = {"prompt": text, "prompt_token_ids": token_ids}
             params = request.sampling_params(tokens, logprobs)
-            prepared.append(({"prompt": text, "prompt_token_ids": token_ids}, params))
+            self.engine.input_processor(engine_prompt, params)  # the engine's own checks, as a 400
+            prepared.append((engine_prompt, params))
         return prepared
 
     def _generators(self, prepared: list[tuple[dict, SamplingParams]], request_id: str,

@@ -1,0 +1,49 @@
+"""Helpers for engine-core tests: build an EngineCore, run it dry, check that no KV block leaked."""
+
+from dataclasses import dataclass, field
+
+from pagedserve.config import EngineArgs, create_engine_config
+from pagedserve.core.engine_core import EngineCore, EngineCoreOutput
+
+
+def make_engine(path: str, **kwargs) -> EngineCore:
+    kwargs = {"dtype": "float32", "max_model_len": 256, "num_kv_blocks": 64, **kwargs}
+    return EngineCore(create_engine_config(EngineArgs(path, **kwargs)))
+
+
+@dataclass
+class Run:
+    tokens: dict[tuple[str, int], list[int]] = field(default_factory=dict)  # (request id, index) -> tokens
+    finals: dict[tuple[str, int], EngineCoreOutput] = field(default_factory=dict)  # last output of each sample
+    firsts: dict[tuple[str, int], EngineCoreOutput] = field(default_factory=dict)  # first output of each sample
+    peak_blocks_used: int = 0  # most blocks held after any step
+
+    def add(self, out: EngineCoreOutput) -> None:
+        key = (out.request_id, out.index)
+        self.tokens.setdefault(key, []).extend(out.new_token_ids)
+        self.firsts.setdefault(key, out)
+        if out.finished:
+            assert key not in self.finals, f"{key} finished twice"
+            self.finals[key] = out
+
+
+def run_all(engine: EngineCore, run: Run | None = None, max_steps: int = 2000) -> Run:
+    run = run or Run()
+    for _ in range(max_steps):
+        if not engine.has_unfinished_requests():
+            break
+        for out in engine.step():
+            run.add(out)
+        stats = engine.stats()
+        run.peak_blocks_used = max(run.peak_blocks_used, stats["num_kv_blocks_total"] - stats["num_kv_blocks_free"])
+    assert not engine.has_unfinished_requests(), "the engine made no progress"
+    assert_all_blocks_free(engine)
+    return run
+
+
+def assert_all_blocks_free(engine: EngineCore) -> None:
+    pool = engine.kv_cache_manager.pool
+    assert pool.num_free_blocks == pool.num_blocks, f"{pool.num_blocks - pool.num_free_blocks} KV blocks leaked"
+    assert all(block.ref_cnt == 0 for block in pool.blocks)
+    kv = engine.kv_cache_manager
+    assert not engine.requests and not kv.req_blocks and not kv.req_block_hashes and not kv.req_num_cached_blocks
