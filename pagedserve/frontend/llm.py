@@ -45,7 +45,11 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Run every prompt to completion; outputs come back in input order."""
+        """Run every prompt to completion; outputs come back in input order.
+
+        A prompt is text, or a dict with "prompt" (text) or "prompt_token_ids", and optionally "cache_salt":
+        requests with different salts never share prefix-cache blocks.
+        """
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         if sampling_params is None:
@@ -54,7 +58,8 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
         requests = [self.input_processor(p, sp) for p, sp in zip(prompts, params)]  # all checked before any runs
-        return self._run(requests, list(params), use_tqdm)
+        salts = [p.get("cache_salt") if isinstance(p, dict) else None for p in prompts]
+        return self._run(requests, list(params), salts, use_tqdm)
 
     def chat(
         self,
@@ -75,16 +80,20 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(
-        self, requests: list[tuple[str | None, list[int]]], params: list[SamplingParams], use_tqdm: bool
+        self,
+        requests: list[tuple[str | None, list[int]]],
+        params: list[SamplingParams],
+        cache_salts: list[str | None],
+        use_tqdm: bool,
     ) -> list[RequestOutput]:
         processor = OutputProcessor(self.tokenizer)
         states: list[RequestState] = []
         try:
-            for (prompt, prompt_token_ids), sp in zip(requests, params):
+            for (prompt, prompt_token_ids), sp, salt in zip(requests, params, cache_salts):
                 request_id = str(self._next_id)
                 self._next_id += 1
                 states.append(processor.add_request(request_id, prompt, prompt_token_ids, sp))
-                self.engine.add_request(request_id, prompt_token_ids, sp)
+                self.engine.add_request(request_id, prompt_token_ids, sp, salt)
         except ValueError:
             self.engine.abort_requests([s.request_id for s in states])
             raise

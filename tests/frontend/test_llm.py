@@ -183,3 +183,15 @@ def test_gguf_file_inside_a_directory():
     llm = LLM(directory, gguf_file=name, dtype="float32", max_model_len=64, num_kv_blocks=8)
     out = llm.generate("The capital of France is", SamplingParams(max_tokens=3, temperature=0), use_tqdm=False)[0]
     assert "Paris" in out.outputs[0].text
+
+
+def test_cache_salt_separates_prefix_cache(llm):
+    prompt = list(range(5, 5 + 40))
+    params = SamplingParams(max_tokens=1, temperature=0)
+    before = llm.stats()["prefix_cache_hits"]
+    llm.generate({"prompt_token_ids": prompt, "cache_salt": "tenant-a"}, params, use_tqdm=False)
+    llm.generate({"prompt_token_ids": prompt, "cache_salt": "tenant-b"}, params, use_tqdm=False)
+    assert llm.stats()["prefix_cache_hits"] == before  # other salt: no hit
+    llm.generate({"prompt_token_ids": prompt, "cache_salt": "tenant-a"}, params, use_tqdm=False)
+    assert llm.stats()["prefix_cache_hits"] == before + 32  # same salt: both full blocks
+    assert_no_leaks(llm)

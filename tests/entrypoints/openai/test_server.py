@@ -290,8 +290,18 @@ def test_bad_requests_are_400_in_openai_shape(server):
     assert server.metrics()["vllm:kv_cache_usage_perc"] == 0
 
 
-def test_reset_prefix_cache(server):
+def test_prefix_cache_hits_salt_and_reset(server):
+    url = f"{server.url}/v1/completions"
+    body = {"model": model_name(server), "prompt": list(range(5, 45)), "max_tokens": 1}
     assert httpx.post(f"{server.url}/reset_prefix_cache").status_code == 200
+    hits = server.metrics()["vllm:prefix_cache_hits_total"]
+    assert httpx.post(url, json=body).json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert httpx.post(url, json=body).json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 32
+    assert httpx.post(url, json={**body, "cache_salt": "other"}).json()["usage"]["prompt_tokens_details"][
+        "cached_tokens"] == 0
+    assert server.metrics()["vllm:prefix_cache_hits_total"] == hits + 32
+    assert httpx.post(f"{server.url}/reset_prefix_cache").status_code == 200
+    assert httpx.post(url, json=body).json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
 
 
 def test_api_key_and_sigterm(llama_dir):
