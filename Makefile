@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: serve test bench
+.PHONY: serve test bench bench-peers
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -26,3 +26,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/throughput.py --output BENCHMARKS.md
+	$(PY) benchmarks/serving.py --output BENCHMARKS.md
+	$(PY) benchmarks/multi_turn.py --output BENCHMARKS.md
+
+# vLLM (CPU build) and llama.cpp in their own venvs under .peers/ (installed once), then the same sweep
+# and the agent workload against each, one server at a time.
+bench-peers: $(STAMP)
+	$(PY) benchmarks/peers.py --output BENCHMARKS.md

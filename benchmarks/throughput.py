@@ -1,10 +1,13 @@
-"""Offline throughput of pagedserve vs transformers, the roofline, KV-cache waste and start-up, in one run.
+"""Offline throughput of pagedserve vs transformers, the roofline, KV-cache waste, start-up and an MoE model.
 
-    python benchmarks/throughput.py [--output BENCHMARKS.md] [--quick]
+    python benchmarks/throughput.py [--output BENCHMARKS.md] [--quick] [--only moe]
 
-Everything runs on the default model (SmolLM2-135M-Instruct, GGUF) on this machine's CPU. Tables go to
-stdout as Markdown and, with --output, into that file (fully regenerated). --quick shrinks every size
-so a run takes a minute or two; its numbers are for checking the script, not for quoting.
+Everything but the MoE row runs on the default model (SmolLM2-135M-Instruct, GGUF); the MoE row runs a
+random-weight Qwen3-MoE at a scaled-down Qwen3-30B-A3B shape. All on this machine's CPU. Tables go to
+stdout as Markdown and, with --output, into that file's `throughput` section (or `moe` with --only moe;
+other sections belong to other benchmark scripts, see report.py). --quick shrinks every size
+so a run takes a minute or two; its numbers are for checking the script, not for quoting. --only moe
+runs just the MoE comparison.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from common import (
     matmul_flops,
     pct,
 )
+from report import replace_section
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.model_executor.gguf_loader import (
@@ -65,6 +69,11 @@ class Settings:
     startup_runs: int = 3
     matmul_n: int = 2048
     copy_mib: int = 1024
+    moe_dtype: str = "bfloat16"
+    moe_prompt_len: int = 128
+    moe_output_len: int = 32  # shorter than the dense runs: transformers decodes this model at a few tok/s here
+    moe_batch_sizes: tuple[int, ...] = (1, 16, 64)
+    moe_hf_batch_sizes: tuple[int, ...] = (16, 64)
     seed: int = 0
     quick: bool = False
 
@@ -74,7 +83,8 @@ class Settings:
             quick=True, prompt_len=16, output_len=16, batch_sizes=(1, 4), hf_single_requests=2,
             hf_batch_sizes=(4,),
             waste_requests=8, waste_min_len=10, waste_max_len=100, waste_max_model_len=256,
-            startup_runs=1, matmul_n=1024, copy_mib=256,
+            startup_runs=1, matmul_n=1024, copy_mib=256, moe_batch_sizes=(1, 4), moe_hf_batch_sizes=(4,),
+            moe_prompt_len=16, moe_output_len=16,
         )
 
     def sampling(self) -> SamplingParams:
@@ -180,20 +190,23 @@ def release_memory() -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def make_llm(s: Settings, dtype: str, max_model_len: int | None = None) -> LLM:
+def make_llm(s: Settings, dtype: str, max_model_len: int | None = None, model: str | None = None) -> LLM:
     return LLM(
-        model=None, dtype=dtype, max_model_len=max_model_len or s.max_model_len, block_size=s.block_size,
+        model=model, dtype=dtype, max_model_len=max_model_len or s.max_model_len, block_size=s.block_size,
         max_num_seqs=s.max_num_seqs, max_num_batched_tokens=s.max_num_batched_tokens, seed=s.seed,
     )
 
 
-def pagedserve_runs(s: Settings, dtype: str, prompts: list[list[int]]) -> tuple[list[RunResult], dict]:
-    llm = make_llm(s, dtype)
+def pagedserve_runs(
+    s: Settings, dtype: str, prompts: list[list[int]], model: str | None = None,
+    batch_sizes: tuple[int, ...] | None = None,
+) -> tuple[list[RunResult], dict]:
+    llm = make_llm(s, dtype, model=model)
     log(f"pagedserve {dtype}: warm-up")
     llm.generate([{"prompt_token_ids": p} for p in prompts[:4]], SamplingParams(max_tokens=4, ignore_eos=True,
                  temperature=0), use_tqdm=False)
     results = []
-    for n in s.batch_sizes:
+    for n in batch_sizes or s.batch_sizes:
         log(f"pagedserve {dtype}: {n} requests x {s.output_len} tokens ...")
         preempted_before = llm.stats()["num_preemptions"]
         start = time.perf_counter()
@@ -253,10 +266,17 @@ def hf_generate(model, prompts: list[list[int]], output_len: int, pad_id: int) -
     return out[:, width:].tolist(), seconds
 
 
-def transformers_runs(s: Settings, dtype: str, prompts: list[list[int]], checkpoint: str) -> list[RunResult]:
-    from transformers import LlamaForCausalLM
+def transformers_runs(
+    s: Settings, dtype: str, prompts: list[list[int]], checkpoint: str, batch_sizes: tuple[int, ...] | None = None,
+) -> tuple[list[RunResult], str]:
+    """Timed transformers runs, and which model class (and experts implementation, for MoE) ran them."""
+    from transformers import AutoModelForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(checkpoint, dtype=DTYPES[dtype]).eval()
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=DTYPES[dtype]).eval()
+    description = f"`{type(model).__name__}.generate`"
+    experts = getattr(model.config, "_experts_implementation", None)
+    if experts:
+        description += f" (experts implementation `{experts}`)"
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
     log(f"transformers {dtype}: warm-up")
     hf_generate(model, prompts[:2], 4, pad_id)
@@ -271,7 +291,7 @@ def transformers_runs(s: Settings, dtype: str, prompts: list[list[int]], checkpo
                          token_ids=token_ids)]
     log(f"  {results[-1].tok_s:,.1f} tok/s ({seconds:.1f} s)")
 
-    for n in s.hf_batch_sizes:
+    for n in batch_sizes or s.hf_batch_sizes:
         log(f"transformers {dtype}: static batch of {n} x {s.output_len} tokens ...")
         token_ids, seconds = hf_generate(model, prompts[:n], s.output_len, pad_id)
         results.append(RunResult("transformers", dtype, n, n, sum(map(len, token_ids)), seconds,
@@ -279,7 +299,7 @@ def transformers_runs(s: Settings, dtype: str, prompts: list[list[int]], checkpo
         log(f"  {results[-1].tok_s:,.1f} tok/s ({seconds:.1f} s)")
     del model
     release_memory()
-    return results
+    return results, description
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -393,6 +413,77 @@ def startup(s: Settings) -> StartupResult:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# 6. A mixture-of-experts model
+# ----------------------------------------------------------------------------------------------------------
+
+# Qwen3-30B-A3B is hidden 2048, 48 layers, 32 query / 4 KV heads of 128, 128 experts (top-8, normalised) of
+# width 768, vocab 151,936. Scaled down to run in minutes on a small CPU: a quarter of the width, 8 layers,
+# half the experts with the same top-8, the same query:KV head ratio; the vocabulary is the default model's
+# tokenizer (so outputs can be detokenized). Random weights (transformers' own init, std 0.02).
+MOE_CONFIG = dict(
+    hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=1, head_dim=64,
+    num_experts=64, num_experts_per_tok=8, moe_intermediate_size=192, norm_topk_prob=True, intermediate_size=1536,
+    vocab_size=49152, max_position_embeddings=4096, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+)
+
+
+@dataclass
+class MoeResult:
+    settings: Settings  # with the MoE prompt and output lengths
+    paged: list[RunResult]
+    hf: list[RunResult]
+    kv_blocks: int
+    hf_model: str  # what transformers ran
+
+
+def moe_params() -> tuple[int, int]:
+    """(stored, active per token) parameters of MOE_CONFIG; active counts top-k experts and the lm_head."""
+    c = MOE_CONFIG
+    hidden, heads, kv_heads = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"]
+    head_dim = c["head_dim"]
+    attention = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2 + 2 * head_dim  # + q/k norms
+    expert = 3 * hidden * c["moe_intermediate_size"]
+    shared = attention + hidden * c["num_experts"] + 2 * hidden  # + router, norms
+    vocab = c["vocab_size"] * hidden
+    layers = c["num_hidden_layers"]
+    stored = layers * (shared + c["num_experts"] * expert) + hidden + 2 * vocab
+    active = layers * (shared + c["num_experts_per_tok"] * expert) + hidden + vocab
+    return stored, active
+
+
+def moe_checkpoint() -> str:
+    """The random-weight MoE checkpoint (bf16 safetensors + the default model's tokenizer), built once."""
+    target = os.path.join(HF_CACHE_DIR, "qwen3-moe-30b-a3b-scaled-random")
+    if os.path.exists(os.path.join(target, "config.json")):
+        return target
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    log(f"building the random-weight MoE checkpoint {target} (once)")
+    tokenizer = load_gguf_tokenizer(default_model_path())
+    config = Qwen3MoeConfig(**MOE_CONFIG, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(config).to(torch.bfloat16)
+    tmp = f"{target}.tmp{os.getpid()}"
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.makedirs(HF_CACHE_DIR, exist_ok=True)
+    os.replace(tmp, target)
+    return target
+
+
+def moe_runs(s: Settings) -> MoeResult:
+    s = dataclasses.replace(s, prompt_len=s.moe_prompt_len, output_len=s.moe_output_len)
+    checkpoint = moe_checkpoint()
+    count = max(s.moe_batch_sizes + s.moe_hf_batch_sizes + (s.hf_single_requests,))
+    prompts = random_prompts(count, s.prompt_len, MOE_CONFIG["vocab_size"], s.seed)
+    log(f"MoE model {checkpoint}")
+    paged, stats = pagedserve_runs(s, s.moe_dtype, prompts, model=checkpoint, batch_sizes=s.moe_batch_sizes)
+    hf, hf_model = transformers_runs(s, s.moe_dtype, prompts, checkpoint, batch_sizes=s.moe_hf_batch_sizes)
+    return MoeResult(s, paged, hf, stats["num_kv_blocks_total"], hf_model)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------------------
 
@@ -409,6 +500,7 @@ class Report:
     rooflines: dict[str, Roofline]
     waste: WasteResult
     startup: StartupResult
+    moe: MoeResult
     total_seconds: float = 0.0
 
     @staticmethod
@@ -553,6 +645,44 @@ def startup_section(r: Report) -> str:
     return markdown_table(["phase", "seconds"], rows)
 
 
+def moe_section(m: MoeResult) -> str:
+    s = m.settings
+    stored, active = moe_params()
+    c = MOE_CONFIG
+    shape = (
+        f"Qwen3-MoE ({s.moe_dtype}), random weights: hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, "
+        f"{c['num_attention_heads']} query / {c['num_key_value_heads']} KV heads of {c['head_dim']}, "
+        f"{c['num_experts']} experts top-{c['num_experts_per_tok']} (normalised) of width "
+        f"{c['moe_intermediate_size']}, vocab {c['vocab_size']:,}: {stored / 1e6:.0f} M parameters stored, "
+        f"{active / 1e6:.0f} M active per token (incl. the lm_head). Qwen3-30B-A3B scaled down (hidden 2048, "
+        "48 layers, 32/4 heads of 128, 128 experts top-8 of width 768, vocab 151,936)."
+    )
+    hf_single = Report.find(m.hf, s.moe_dtype, 1)
+    rows = []
+    for run in m.paged:
+        same = Report.find(m.hf, s.moe_dtype, run.batch)
+        agreement = common_prefix_fraction(run.token_ids, same.token_ids) if same else None
+        rows.append([run.batch, fmt(run.tok_s), fmt(run.seconds), run.preemptions, fmt(same.tok_s) if same else "-",
+                     _ratio(run, same), _ratio(run, hf_single),
+                     None if agreement is None else f"{100 * agreement:.0f}%"])
+    header = ["requests", "pagedserve tok/s", "wall s", "preemptions", "transformers tok/s (same batch)",
+              "× same batch", "× HF one at a time", "greedy agreement"]
+    hf_rows = [["one at a time" if h.batch == 1 else f"static batch {h.batch}", h.num_requests, fmt(h.tok_s),
+                fmt(h.seconds)] for h in m.hf]
+    workload = (
+        f"Workload: random prompts of {s.prompt_len} token ids, {s.output_len} output tokens, greedy, "
+        f"`ignore_eos=True`. pagedserve: block_size={s.block_size}, max_num_seqs={s.max_num_seqs}, "
+        f"max_num_batched_tokens={s.max_num_batched_tokens}, default KV pool ({m.kv_blocks} blocks). "
+        f"transformers: {m.hf_model}, {s.hf_single_requests} requests one at a time and left-padded static "
+        "batches. Random weights leave many near-ties, so greedy agreement says little here; exactness is "
+        "tested in float32 by the test suite."
+    )
+    return "\n\n".join([
+        shape, workload, markdown_table(header, rows), "transformers runs:",
+        markdown_table(["mode", "requests", "tok/s", "wall s"], hf_rows),
+    ])
+
+
 QUOTED_NOTE = (
     "vLLM CPU 0.32 on this workload (128 + 128 tokens): 38 tok/s at 1 request, 359 at 16, 485 at 64, 528 at "
     "256. transformers, as the issue reports it for its machine: float32 17 tok/s one at a time and 147 at "
@@ -562,7 +692,7 @@ QUOTED_NOTE = (
 
 def render(r: Report) -> str:
     intro = (f"Generated by `{r.command}` in {r.total_seconds / 60:.1f} min; rerun the same command to "
-             "regenerate this file (it is rewritten in full).")
+             "regenerate this section.")
     if r.settings.quick:
         intro += " **Quick mode: tiny sizes, for checking the script only; do not quote these numbers.**"
     return "\n\n".join([
@@ -573,6 +703,7 @@ def render(r: Report) -> str:
         "## Roofline", roofline_section(r),
         "## KV-cache waste", waste_section(r),
         "## Start-up time", startup_section(r),
+        "## Mixture of experts: pagedserve vs transformers (output tokens/s)", moe_section(r.moe),
         "## Reference figures (quoted from the issue, not measured here)", QUOTED_NOTE,
     ]) + "\n"
 
@@ -596,19 +727,35 @@ def run(s: Settings, command: str) -> Report:
     for dtype in s.dtypes:
         runs, kv_stats[dtype] = pagedserve_runs(s, dtype, prompts)
         paged += runs
-        hf += transformers_runs(s, dtype, prompts, checkpoint)
+        hf += transformers_runs(s, dtype, prompts, checkpoint)[0]
     waste = kv_waste(s, config.vocab_size)
     start_up = startup(s)
-    report = Report(s, command, machine, cost, paged, hf, kv_stats, rooflines, waste, start_up)
+    moe = moe_runs(s)
+    report = Report(s, command, machine, cost, paged, hf, kv_stats, rooflines, waste, start_up, moe)
     report.total_seconds = time.perf_counter() - start
     return report
 
 
+def render_moe_only(s: Settings, command: str) -> str:
+    start = time.perf_counter()
+    machine = machine_description()
+    moe = moe_runs(s)
+    intro = f"Generated by `{command}` in {(time.perf_counter() - start) / 60:.1f} min: the MoE comparison only."
+    if s.quick:
+        intro += " **Quick mode: tiny sizes, for checking the script only; do not quote these numbers.**"
+    return "\n\n".join([
+        "# pagedserve benchmarks: mixture of experts", intro,
+        "## Machine", markdown_table(["", ""], machine),
+        "## Mixture of experts: pagedserve vs transformers (output tokens/s)", moe_section(moe),
+    ]) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", help="write the report as Markdown to this file (overwritten)")
+    parser.add_argument("--output", help="write the report as Markdown into its section of this file")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script quickly")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--only", choices=["moe"], help="run only this part (with the machine description)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -616,14 +763,13 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings.quick_settings() if args.quick else Settings()
     log("settings: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(settings).items()))
     flags = [("--quick", args.quick), (f"--threads {args.threads}", args.threads),
-             (f"--output {args.output}", args.output)]
+             (f"--only {args.only}", args.only), (f"--output {args.output}", args.output)]
     command = " ".join(["python benchmarks/throughput.py"] + [flag for flag, on in flags if on])
-    text = render(run(settings, command))
+    text = render_moe_only(settings, command) if args.only == "moe" else render(run(settings, command))
     print(text)
     if args.output:
-        with open(args.output, "w") as f:
-            f.write(text)
-        log(f"wrote {args.output}")
+        replace_section(args.output, args.only or "throughput", text)
+        log(f"wrote section {args.only or 'throughput'} of {args.output}")
 
 
 if __name__ == "__main__":

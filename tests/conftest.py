@@ -10,15 +10,29 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 VOCAB_SIZE = 512
@@ -49,6 +63,30 @@ ARCHITECTURES = {
     "mistral": (MistralConfig, MistralForCausalLM, dict(sliding_window=None)),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(head_dim=32)),
+    # MoE: 8 experts top-2 (renormalised); 8 experts top-4 + shared expert, layer 1 dense; 64 experts top-8, so
+    # most experts get no token in a decode step
+    "mixtral": (MixtralConfig, MixtralForCausalLM, dict(num_local_experts=8, num_experts_per_tok=2,
+                                                        intermediate_size=64)),
+    "qwen2-moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM, dict(
+        num_experts=8, num_experts_per_tok=4, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+        num_hidden_layers=3, mlp_only_layers=[1])),
+    "qwen3-moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM, dict(
+        num_experts=64, num_experts_per_tok=8, moe_intermediate_size=32, norm_topk_prob=True, head_dim=32)),
+    # GPT2Config maps hidden_size, num_hidden_layers, ... onto n_embd, n_layer, ...; n_inner is its MLP width.
+    "gpt2": (GPT2Config, GPT2LMHeadModel, dict(n_inner=128)),
+    # LongRoPE with original context 80: prompts on both sides of it (short factors up to 64 + 8 tokens, long
+    # from 100); 3/4 of each head rotates; a window of 48
+    "phi3": (Phi3Config, Phi3ForCausalLM, dict(
+        rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                      "long_factor": [1.0, 1.5, 3.0, 6.0, 12.0, 24.0]},
+        original_max_position_embeddings=80, partial_rotary_factor=0.75, sliding_window=48)),
+    # windows of 32 so that most prompts (up to 300 tokens) outgrow them
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM, dict(head_dim=32, query_pre_attn_scalar=24, sliding_window=32)),
+    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, dict(
+        head_dim=32, sliding_window=32, layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}})),
+    "mistral-sliding": (MistralConfig, MistralForCausalLM, dict(sliding_window=32)),
 }
 
 

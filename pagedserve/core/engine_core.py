@@ -12,6 +12,7 @@ from pagedserve.config import EngineConfig
 from pagedserve.core.kv_cache_manager import KVCacheManager
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.scheduler import Scheduler, SchedulerOutput
+from pagedserve.model_executor.layers.rotary import rope_parameters
 from pagedserve.model_executor.model_runner import ModelRunner, ModelRunnerOutput, TokenLogprobs
 from pagedserve.sampling_params import SamplingParams
 
@@ -66,6 +67,9 @@ class EngineCore:
         self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_batched_tokens, config.max_num_seqs)
         self.requests: dict[str, list[Request]] = {}  # the caller's id -> its unfinished samples
         self.eos_token_id = _eos_token_id(config)
+        rope = rope_parameters(config.hf_config)
+        is_longrope = rope["rope_type"] == "longrope"
+        self.longrope_original_len = rope["original_max_position_embeddings"] if is_longrope else None
 
     @property
     def max_total_tokens(self) -> int:
@@ -85,7 +89,8 @@ class EngineCore:
         samples = [
             Request(
                 f"{request_id}#{index}", list(prompt_token_ids), _sample_params(sampling_params, index),
-                self.eos_token_id, self.max_total_tokens, cache_salt=cache_salt, client_request_id=request_id,
+                self.eos_token_id, self.max_total_tokens, cache_salt=cache_salt,
+                kv_variant=self._kv_variant(len(prompt_token_ids)), client_request_id=request_id,
                 index=index,
             )
             for index in range(sampling_params.n)
@@ -93,6 +98,13 @@ class EngineCore:
         samples[0].pending_forks = samples[1:]
         self.requests[request_id] = samples
         self.scheduler.add_request(samples[0])
+
+    def _kv_variant(self, prompt_len: int) -> tuple:
+        """LongRoPE rotates with its long factors when the prompt is longer than the original context:
+        the same tokens then have other K, so they must not share prefix-cache blocks."""
+        if self.longrope_original_len is not None and prompt_len > self.longrope_original_len:
+            return ("longrope-long",)
+        return ()
 
     def abort_requests(self, request_ids: list[str]) -> None:
         """Abort every sample of each request (unknown or finished ids are ignored)."""

@@ -16,9 +16,12 @@ def hash_block(parent_hash: bytes | None, token_ids: list[int], extra_keys: tupl
 
 
 def block_extra_keys(request: Request, block_index: int) -> tuple:
-    """What besides its token ids decides a block's K/V: the cache salt, on the first block (the chain
-    carries it to the rest). A LoRA id or the hashes of images overlapping the block would go here too."""
-    return (request.cache_salt,) if block_index == 0 and request.cache_salt else ()
+    """What besides its token ids decides a block's K/V: the cache salt and the request's K/V variant
+    (e.g. LongRoPE's long factors), on the first block (the chain carries them to the rest). A LoRA id or
+    the hashes of images overlapping the block would go here too."""
+    if block_index != 0:
+        return ()
+    return ((request.cache_salt,) if request.cache_salt else ()) + request.kv_variant
 
 
 class KVCacheManager:

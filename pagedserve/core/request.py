@@ -42,6 +42,8 @@ class Request:
     eos_token_id: int | None
     max_total_tokens: int  # prompt + output may not exceed this (max_model_len, capped by the KV pool)
     cache_salt: str | None = None
+    # Besides the salt, what else makes this request's K/V differ for the same tokens (prefix-cache key).
+    kv_variant: tuple = ()
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)

@@ -348,8 +348,10 @@ _ARCHITECTURES = {  # GGUF general.architecture -> (transformers config class, H
 
 def _check_architecture(arch: str, path: str) -> None:
     if arch not in _ARCHITECTURES:
+        moe = " (mixture-of-experts GGUF files are not supported: load the safetensors checkpoint)"
         raise ValueError(
-            f"{path}: unsupported GGUF architecture {arch!r}; supported: {', '.join(sorted(_ARCHITECTURES))}"
+            f"{path}: unsupported GGUF architecture {arch!r}{moe if 'moe' in arch else ''}; "
+            f"supported: {', '.join(sorted(_ARCHITECTURES))}"
         )
 
 
@@ -363,6 +365,10 @@ def load_gguf_config(path: str) -> PretrainedConfig:
 
     def get(key: str, default: Any = _REQUIRED) -> Any:
         return _metadata(header, f"{arch}.{key}", default)
+
+    if int(get("expert_count", 0)):
+        raise ValueError(f"{path}: mixture-of-experts GGUF files are not supported ({arch}.expert_count="
+                         f"{get('expert_count')}); load the Hugging Face safetensors checkpoint")
 
     n_heads = int(get("attention.head_count"))
     hidden = int(get("embedding_length"))

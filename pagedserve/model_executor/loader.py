@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 from collections.abc import Iterator
 
 import torch
@@ -30,57 +31,94 @@ def iter_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
                 yield key, f.get_tensor(key)
 
 
+_EXPERT_WEIGHT = re.compile(r"\.experts\.(\d+)\.(\w+)\.weight$")
+
+
+def checkpoint_target(model: nn.Module, name: str) -> tuple[str, int | None, int | None]:
+    """Checkpoint tensor name -> (our parameter name, expert index, shard index in the fused parameter).
+
+    The model class may declare `checkpoint_renames` (fragment -> fragment, applied first), `expert_params`
+    (a per-expert projection `...experts.{e}.{proj}.weight` -> (fused 3-D parameter, shard)) and
+    `stacked_params` (projection fragment -> (fused parameter, shard)). A tensor already in the fused
+    layout (transformers 5's `experts.gate_up_proj`) matches its parameter by name.
+    """
+    for old, new in getattr(model, "checkpoint_renames", {}).items():
+        name = name.replace(old, new)
+    match = _EXPERT_WEIGHT.search(name)
+    expert_params = getattr(model, "expert_params", {})
+    if match and match.group(2) in expert_params:
+        fused, shard = expert_params[match.group(2)]
+        return f"{name[: match.start()]}.experts.{fused}", int(match.group(1)), shard
+    for fragment, (fused, shard) in getattr(model, "stacked_params", {}).items():
+        if f".{fragment}." in name:
+            return name.replace(f".{fragment}.", f".{fused}."), None, shard
+    return name, None, None
+
+
 def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
-    """Copy checkpoint tensors into the model, routing q/k/v and gate/up into their fused parameters."""
+    """Copy checkpoint tensors into the model, routing q/k/v, gate/up and per-expert tensors into fused parameters."""
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
-    stacked = getattr(model, "stacked_params", {})
-    for name, tensor in tqdm(weights, desc="Loading weights", unit="tensor", leave=False):
-        if "rotary_emb.inv_freq" in name:
+    if hasattr(model, "map_checkpoint"):  # a layout that differs beyond names (GPT-2's transposed Conv1D)
+        weights = model.map_checkpoint(weights)
+    for checkpoint_name, tensor in tqdm(weights, desc="Loading weights", unit="tensor", leave=False):
+        if "rotary_emb.inv_freq" in checkpoint_name:
             continue
-        shard = None
-        for fragment, (fused, index) in stacked.items():
-            if f".{fragment}." in name:
-                name, shard = name.replace(f".{fragment}.", f".{fused}."), index
-                break
+        name, expert, shard = checkpoint_target(model, checkpoint_name)
         if name not in params:
             if name == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False):
                 continue
-            raise ValueError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")
-        param = params[name]
-        if shard is None:
-            if param.shape != tensor.shape:
-                raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(param.shape)}")
-            param.data.copy_(tensor)
-        else:
-            sizes = _shard_sizes(model, name)
+            raise ValueError(f"checkpoint tensor {checkpoint_name!r} has no place in {type(model).__name__}")
+        dest = params[name].data
+        if expert is not None:
+            if expert >= dest.shape[0]:
+                raise ValueError(f"{checkpoint_name}: expert {expert} is out of range (the model has {dest.shape[0]})")
+            dest = dest[expert]
+        if shard is not None:
+            sizes = _shard_sizes(model, name, dest.shape[0])
             offset = sum(sizes[:shard])
-            param.data[offset : offset + sizes[shard]].copy_(tensor)
-            name = f"{name}#{shard}"
-        loaded.add(name)
+            dest = dest[offset : offset + sizes[shard]]
+        if dest.shape != tensor.shape:
+            raise ValueError(f"{checkpoint_name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(dest.shape)}")
+        dest.copy_(tensor)
+        loaded.add(_part_name(name, expert, shard))
     _check_all_loaded(model, params, loaded)
 
 
-def _shard_sizes(model: nn.Module, fused_name: str) -> list[int]:
+def _part_name(name: str, expert: int | None, shard: int | None) -> str:
+    """How a loaded piece of a parameter is recorded: `name`, `name#shard`, `name@expert` or `name@expert#shard`."""
+    return name + ("" if expert is None else f"@{expert}") + ("" if shard is None else f"#{shard}")
+
+
+def _shard_sizes(model: nn.Module, fused_name: str, rows: int) -> list[int]:
+    """Row counts of the shards stacked in a fused parameter of `rows` rows: q, k, v or gate, up."""
     config = model.config
     if ".qkv_proj." in fused_name:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         return [config.num_attention_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
-    return [config.intermediate_size, config.intermediate_size]
+    return [rows // 2, rows // 2]
+
+
+def _expected_parts(model: nn.Module, name: str, param: nn.Parameter) -> list[str]:
+    """The pieces a checkpoint must provide for a parameter it does not provide whole."""
+    experts: list[int | None] = [None]
+    expert_params = getattr(model, "expert_params", {}).values()
+    expert_shards = [s for fused, s in expert_params if name.endswith(f".experts.{fused}")]
+    if expert_shards:
+        experts, shards = list(range(param.shape[0])), expert_shards
+    else:
+        shards = [s for fused, s in getattr(model, "stacked_params", {}).values() if f".{fused}." in name]
+    return [_part_name(name, e, s) for e in experts for s in shards or [None]]
 
 
 def _check_all_loaded(model: nn.Module, params: dict[str, nn.Parameter], loaded: set[str]) -> None:
     tied = getattr(model.config, "tie_word_embeddings", False)
     missing = []
-    for name in params:
-        if tied and name == "lm_head.weight":
+    for name, param in params.items():
+        if (tied and name == "lm_head.weight") or name in loaded:
             continue
-        if any(f".{fused}." in name for fused, _ in model.stacked_params.values()):
-            shards = 3 if ".qkv_proj." in name else 2
-            missing += [f"{name}#{i}" for i in range(shards) if f"{name}#{i}" not in loaded]
-        elif name not in loaded:
-            missing.append(name)
+        missing += [part for part in _expected_parts(model, name, param) if part not in loaded]
     if missing:
         raise ValueError(f"checkpoint is missing weights: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
 

@@ -92,6 +92,14 @@ class ModelRunner:
         self.generators.pop(request_id, None)
 
     @torch.inference_mode()
+    def copy_blocks(self, block_copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write as the scheduler decided: block src -> dst in every layer, before the step's forward."""
+        src = torch.tensor([src for src, _ in block_copies], device=self.device)
+        dst = torch.tensor([dst for _, dst in block_copies], device=self.device)
+        for cache in self.kv_caches:  # [2, Hkv, num_blocks, block_size, D]
+            cache.index_copy_(2, dst, cache.index_select(2, src))
+
+    @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledRequest]) -> ModelRunnerOutput:
         query_lens = [s.num_new_tokens for s in scheduled]
         context_lens = [s.request.num_computed_tokens + s.num_new_tokens for s in scheduled]
@@ -99,7 +107,8 @@ class ModelRunner:
         for s, ctx in zip(scheduled, context_lens):
             input_ids += s.request.token_ids(s.request.num_computed_tokens, ctx)
         meta = AttentionMetadata.build(
-            query_lens, context_lens, [s.block_ids for s in scheduled], self.block_size, self.device
+            query_lens, context_lens, [s.request.num_prompt_tokens for s in scheduled],
+            [s.block_ids for s in scheduled], self.block_size, self.device,
         )
         hidden = self.model(torch.tensor(input_ids, device=self.device), meta.positions, meta)
 

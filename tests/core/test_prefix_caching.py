@@ -175,3 +175,21 @@ def test_blocks_of_a_failed_step_are_not_served_as_hits(llama_dir, monkeypatch):
     monkeypatch.setattr(engine.model_runner, "execute", real_execute)
     engine.add_request("b", prompt, GREEDY)
     assert run_all(engine).finals[("b", 0)].num_cached_tokens == 0
+
+
+def test_longrope_long_and_short_prompts_never_share_blocks(checkpoints):
+    """Phi-3 LongRoPE rotates a prompt longer than the original context (80 here) with other factors: a
+    long prompt must not reuse the K/V a short prompt with the same first tokens left in the cache."""
+    prefix = random_tokens(random.Random(5), 64)
+    long_prompt = prefix + random_tokens(random.Random(6), 40)
+    cached = make_engine(checkpoints["phi3"], enable_prefix_caching=True)
+    cached.add_request("short", prefix, GREEDY)
+    assert run_all(cached).firsts[("short", 0)].num_cached_tokens == 0
+    cached.add_request("long", long_prompt, GREEDY)
+    with_cache = run_all(cached)
+    assert with_cache.firsts[("long", 0)].num_cached_tokens == 0
+    cached.add_request("long-again", long_prompt, GREEDY)  # same variant: shares
+    assert run_all(cached).firsts[("long-again", 0)].num_cached_tokens == 96
+    uncached = make_engine(checkpoints["phi3"], enable_prefix_caching=False)
+    uncached.add_request("long", long_prompt, GREEDY)
+    assert with_cache.tokens[("long", 0)] == run_all(uncached).tokens[("long", 0)]

@@ -38,8 +38,11 @@ def references(checkpoints) -> dict[str, list[tuple[list[int], list[float]]]]:
 
 
 def run(path: str, **engine_kwargs) -> tuple[list, dict]:
+    engine_kwargs.setdefault("num_kv_blocks", 256)  # room for the whole batch, without zero-filling GiBs
     llm = LLM(path, dtype="float32", max_model_len=512, **engine_kwargs)
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, logprobs=1)
+    # min_tokens, like the reference's min_new_tokens, bans EOS (ignore_eos alone would let it be chosen)
+    params = SamplingParams(max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True,
+                            logprobs=1)
     outs = llm.generate([{"prompt_token_ids": p} for p in make_prompts()], params, use_tqdm=False)
     stats = llm.stats()
     assert stats["num_kv_blocks_free"] == stats["num_kv_blocks_total"], "KV blocks leaked"

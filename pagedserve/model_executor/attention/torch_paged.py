@@ -4,9 +4,12 @@ The batch is flat: tokens of all requests back to back. K/V of new tokens are wr
 cache through `slot_mapping`; attention reads each request's context back through its block table.
 Decode rows (one query token) are done together in one batched call over their gathered blocks; each
 prefill chunk is its own call (with no cached context it uses its fresh K/V directly, causally).
+
+A layer may have a sliding window W (a query at position p sees keys at p - W < k <= p, as transformers'
+masks) and tanh soft-capping of its scores (Gemma 2). With a window, only the blocks it covers are read.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -23,22 +26,29 @@ class PrefillChunk:
 @dataclass
 class AttentionMetadata:
     positions: torch.Tensor  # [T] int64: position of each new token in its sequence
+    prompt_lens: torch.Tensor  # [T] int64: prompt length of each token's request (LongRoPE picks its factors by it)
     slot_mapping: torch.Tensor  # [T] int64: flat cache slot of each new token
     decode_rows: torch.Tensor  # [Bd] int64: rows of the flat batch that are single-token decodes
     decode_block_tables: torch.Tensor  # [Bd, max_blocks] int64 (padded with 0)
     decode_mask: torch.Tensor  # [1, Bd, 1, max_blocks * block_size] bool: True where the slot is context
+    decode_context_lens: torch.Tensor  # [Bd] int64
+    max_decode_context_len: int
+    block_size: int
     prefills: list[PrefillChunk]
+    # sliding window -> (block tables, mask) of the decode rows: made by the first layer with that window
+    _decode_windows: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(
         cls,
         query_lens: list[int],
         context_lens: list[int],
+        prompt_lens: list[int],
         block_tables: list[list[int]],
         block_size: int,
         device: torch.device,
     ) -> "AttentionMetadata":
-        """From per-request query lengths, context lengths (computed + new) and block tables."""
+        """From per-request query lengths, context lengths (computed + new), prompt lengths and block tables."""
         q_lens = torch.tensor(query_lens, dtype=torch.int64)
         ctx_lens = torch.tensor(context_lens, dtype=torch.int64)
         starts = torch.cumsum(q_lens, 0) - q_lens
@@ -54,9 +64,9 @@ class AttentionMetadata:
         decode_reqs = torch.nonzero(is_decode).flatten()
         decode_tables = tables[decode_reqs]
         decode_ctx = ctx_lens[decode_reqs]
+        max_decode_ctx = int(decode_ctx.max()) if len(decode_reqs) else 0
         if len(decode_reqs):
-            num_decode_blocks = int(((decode_ctx + block_size - 1) // block_size).max())
-            decode_tables = decode_tables[:, :num_decode_blocks]
+            decode_tables = decode_tables[:, : (max_decode_ctx + block_size - 1) // block_size]
         slots = torch.arange(decode_tables.shape[1] * block_size)
         decode_mask = (slots[None, :] < decode_ctx[:, None])[None, :, None, :]
 
@@ -69,12 +79,39 @@ class AttentionMetadata:
         ]
         return cls(
             positions=positions.to(device),
+            prompt_lens=torch.tensor(prompt_lens, dtype=torch.int64)[req_of_row].to(device),
             slot_mapping=slot_mapping.to(device),
             decode_rows=starts[decode_reqs].to(device),
             decode_block_tables=decode_tables.to(device),
             decode_mask=decode_mask.to(device),
+            decode_context_lens=decode_ctx.to(device),
+            max_decode_context_len=max_decode_ctx,
+            block_size=block_size,
             prefills=prefills,
         )
+
+    def decode_view(self, sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block tables and mask of the decode rows; with a window, only the blocks the window covers."""
+        if sliding_window is None or self.max_decode_context_len <= sliding_window:
+            return self.decode_block_tables, self.decode_mask
+        if sliding_window not in self._decode_windows:
+            self._decode_windows[sliding_window] = self._window_view(sliding_window)
+        return self._decode_windows[sliding_window]
+
+    def _window_view(self, sliding_window: int) -> tuple[torch.Tensor, torch.Tensor]:
+        block_size = self.block_size
+        num_blocks = self.decode_block_tables.shape[1]
+        # W consecutive positions touch at most ceil((W - 1) / block_size) + 1 blocks
+        num_window_blocks = min(num_blocks, (sliding_window + 2 * block_size - 2) // block_size)
+        window_start = self.decode_context_lens - sliding_window  # first position the query sees
+        first = torch.clamp(window_start, min=0) // block_size
+        first = torch.clamp(first, max=num_blocks - num_window_blocks)  # stay inside the table
+        device = first.device
+        columns = first[:, None] + torch.arange(num_window_blocks, device=device)
+        tables = self.decode_block_tables.gather(1, columns)
+        slots = (columns[:, :, None] * block_size + torch.arange(block_size, device=device)).flatten(1)
+        mask = (slots < self.decode_context_lens[:, None]) & (slots >= window_start[:, None])
+        return tables, mask[None, :, None, :]
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -106,6 +143,8 @@ def paged_attention(
     kv_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
 ) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, Hkv, D] (this step's tokens). Returns [T, H, D]."""
     write_kv(kv_cache, k, v, meta.slot_mapping)
@@ -117,27 +156,77 @@ def paged_attention(
     if len(meta.decode_rows):
         # [Hkv, Bd, G, D] x [Hkv, Bd, D, L]: GQA without repeating K/V; batched matmuls over (Hkv, Bd).
         num_decodes = len(meta.decode_rows)
-        kv = gather_kv(kv_cache, meta.decode_block_tables.flatten()).view(2, num_kv_heads, num_decodes, -1, head_dim)
+        block_tables, mask = meta.decode_view(sliding_window)
+        kv = gather_kv(kv_cache, block_tables.flatten()).view(2, num_kv_heads, num_decodes, -1, head_dim)
         qd = q[meta.decode_rows].view(num_decodes, num_kv_heads, group, head_dim).transpose(0, 1)
         scores = torch.matmul(qd, kv[0].transpose(-1, -2)) * scale
-        scores.masked_fill_(~meta.decode_mask, float("-inf"))
+        if soft_cap is not None:
+            scores.div_(soft_cap).tanh_().mul_(soft_cap)
+        scores.masked_fill_(~mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         out[meta.decode_rows] = torch.matmul(probs, kv[1]).transpose(0, 1).reshape(num_decodes, num_heads, head_dim)
 
     for chunk in meta.prefills:
         rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
-        qp = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, Tq, D]: 4-D inputs take the fused CPU kernel
-        if chunk.context_len == chunk.query_len:  # no cached context: attend to this chunk, causally
+        start = chunk.context_len - chunk.query_len  # position of the chunk's first query
+        # a window shorter than the context is the only case that differs from plain causal attention
+        window = sliding_window if sliding_window is not None and chunk.context_len > sliding_window else None
+        key_start = 0  # position of the first key
+        if start == 0:  # no cached context: attend to this chunk's fresh K/V
             kp, vp = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
-            mask = None
         else:
-            kv = gather_kv(kv_cache, chunk.block_ids)[:, :, : chunk.context_len]
+            first_block = 0 if window is None else max(0, start - window + 1) // meta.block_size
+            key_start = first_block * meta.block_size
+            kv = gather_kv(kv_cache, chunk.block_ids[first_block:])[:, :, : chunk.context_len - key_start]
             kp, vp = kv[0], kv[1]
-            # query i sits at position context_len - query_len + i and sees keys up to there
-            offset = chunk.context_len - chunk.query_len
-            mask = torch.ones(chunk.query_len, chunk.context_len, dtype=torch.bool, device=q.device).tril(offset)
-        kp = kp.repeat_interleave(group, dim=0).unsqueeze(0)
-        vp = vp.repeat_interleave(group, dim=0).unsqueeze(0)
-        o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=mask is None, scale=scale)
-        out[rows] = o[0].transpose(0, 1)
+        mask = None
+        if start > 0 or window is not None:
+            # query i sits at position start + i and sees keys up to there (and within the window)
+            q_pos = torch.arange(start, chunk.context_len, device=q.device)[:, None]
+            k_pos = torch.arange(key_start, chunk.context_len, device=q.device)[None, :]
+            mask = k_pos <= q_pos
+            if window is not None:
+                mask &= k_pos > q_pos - window
+        out[rows] = _prefill_attention(q[rows].transpose(0, 1), kp, vp, mask, scale, soft_cap).transpose(0, 1)
     return out
+
+
+def _prefill_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, soft_cap: float | None
+) -> torch.Tensor:
+    """q: [H, Tq, D]; k, v: [Hkv, Tk, D]; mask: [Tq, Tk] bool (None: causal, Tq == Tk). Returns [H, Tq, D]."""
+    if soft_cap is not None:
+        return _soft_capped_attention(q, k, v, mask, scale, soft_cap)
+    group = q.shape[0] // k.shape[0]
+    k = k.repeat_interleave(group, dim=0).unsqueeze(0)
+    v = v.repeat_interleave(group, dim=0).unsqueeze(0)
+    # 4-D inputs take the fused CPU kernel
+    return F.scaled_dot_product_attention(q.unsqueeze(0), k, v, attn_mask=mask, is_causal=mask is None, scale=scale)[0]
+
+
+_QUERY_CHUNK = 256  # queries per score matrix in soft-capped prefill: bounds its memory at long contexts
+
+
+def _soft_capped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, soft_cap: float
+) -> torch.Tensor:
+    """SDPA has no soft-capping: scores by hand, grouped query heads as matmul rows (no K/V repetition).
+
+    Scores are capped, masked and normalised in float32 in place: bf16 element-wise ops are slow on CPUs.
+    """
+    num_heads, num_queries, head_dim = q.shape
+    num_kv_heads, num_keys = k.shape[:2]
+    group = num_heads // num_kv_heads
+    if mask is None:
+        mask = torch.ones(num_queries, num_keys, dtype=torch.bool, device=q.device).tril()
+    q = q.view(num_kv_heads, group, num_queries, head_dim)
+    out = q.new_empty(num_kv_heads, group, num_queries, head_dim)
+    for start in range(0, num_queries, _QUERY_CHUNK):
+        rows = slice(start, start + _QUERY_CHUNK)
+        num_rows = min(_QUERY_CHUNK, num_queries - start)
+        scores = torch.matmul(q[:, :, rows].reshape(num_kv_heads, group * num_rows, head_dim), k.transpose(-1, -2))
+        scores = scores.float().mul_(scale).div_(soft_cap).tanh_().mul_(soft_cap)
+        scores = scores.view(num_kv_heads, group, num_rows, num_keys).masked_fill_(~mask[rows], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(q.dtype).view(num_kv_heads, group * num_rows, num_keys)
+        out[:, :, rows] = torch.matmul(probs, v).view(num_kv_heads, group, num_rows, head_dim)
+    return out.view(num_heads, num_queries, head_dim)

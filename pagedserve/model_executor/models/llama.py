@@ -1,8 +1,13 @@
-"""The Llama family: Llama, Mistral, Qwen2 (q/k/v bias), Qwen3 (per-head q/k RMSNorm).
+"""The Llama family: Llama, Mistral, Qwen2 (q/k/v bias), Qwen3 (per-head q/k RMSNorm), Phi-3 (checkpoint
+already fused, LongRoPE, partial rotary). Layers may have a sliding window (Mistral, Phi-3, Qwen `layer_types`).
+
+MoE models reuse it and choose each layer's feed-forward block by overriding `make_mlp`.
 
 q/k/v projections are fused into one `qkv_proj` and gate/up into `gate_up_proj` (one matmul each);
 `stacked_params` tells the loader where each checkpoint tensor goes.
 """
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -10,32 +15,34 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from pagedserve.model_executor.attention.torch_paged import AttentionMetadata
-from pagedserve.model_executor.layers.attention import Attention
+from pagedserve.model_executor.layers.attention import Attention, sliding_windows
 from pagedserve.model_executor.layers.layernorm import RMSNorm
 from pagedserve.model_executor.layers.rotary import RotaryEmbedding, apply_rotary, rope_parameters
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin for this step's positions
+MakeMLP = Callable[[PretrainedConfig, int], nn.Module]  # (config, layer index) -> that layer's MLP
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: PretrainedConfig) -> None:
+    def __init__(self, config: PretrainedConfig, sliding_window: int | None) -> None:
         super().__init__()
         hidden = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(config, "head_dim", None) or hidden // self.num_heads
         model_type = config.model_type
-        qkv_bias = model_type == "qwen2" or getattr(config, "attention_bias", False)
-        o_bias = model_type != "qwen2" and getattr(config, "attention_bias", False)
+        attention_bias = getattr(config, "attention_bias", False)
+        qkv_bias = model_type == "qwen2" or getattr(config, "qkv_bias", False) or attention_bias
+        o_bias = model_type != "qwen2" and attention_bias
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=qkv_bias)
         self.o_proj = nn.Linear(self.q_size, hidden, bias=o_bias)
-        self.qk_norm = model_type == "qwen3"
+        self.qk_norm = model_type in ("qwen3", "qwen3_moe")
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, sliding_window)
 
     def forward(self, rope: Rope, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         num_tokens = x.shape[0]
@@ -49,14 +56,14 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: PretrainedConfig) -> None:
+    def __init__(self, config: PretrainedConfig, intermediate_size: int | None = None) -> None:
         super().__init__()
         if getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (supported: silu)")
         bias = getattr(config, "mlp_bias", False)
-        self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.intermediate_size = intermediate_size or config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(self.intermediate_size, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
@@ -64,10 +71,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig) -> None:
+    def __init__(self, config: PretrainedConfig, mlp: nn.Module, sliding_window: int | None) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = LlamaAttention(config, sliding_window)
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -77,20 +84,23 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: PretrainedConfig, max_model_len: int) -> None:
+    def __init__(self, config: PretrainedConfig, max_model_len: int, make_mlp: MakeMLP) -> None:
         super().__init__()
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         params = rope_parameters(config)
-        if params.get("partial_rotary_factor", 1.0) != 1.0:
+        if params.get("partial_rotary_factor", 1.0) != 1.0 and config.model_type != "phi3":
             raise ValueError("partial_rotary_factor != 1 is not supported")
         self.rotary = RotaryEmbedding(head_dim, max_model_len, params)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, make_mlp(config, i), window)
+            for i, window in enumerate(sliding_windows(config, max_model_len))
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        rope = self.rotary(positions, x.dtype)
+        rope = self.rotary(meta, x.dtype)
         for layer in self.layers:
             x = layer(rope, x, meta)
         return self.norm(x)
@@ -108,17 +118,15 @@ class LlamaForCausalLM(nn.Module):
 
     def __init__(self, config: PretrainedConfig, max_model_len: int) -> None:
         super().__init__()
-        sliding_window = getattr(config, "sliding_window", None)
-        uses_window = getattr(config, "use_sliding_window", config.model_type == "mistral")
-        if uses_window and sliding_window is not None and sliding_window < max_model_len:
-            raise ValueError(
-                f"sliding-window attention (sliding_window={sliding_window}) is not supported yet: "
-                f"set max_model_len <= {sliding_window}"
-            )
         self.config = config
-        self.model = LlamaModel(config, max_model_len)
+        self.model = LlamaModel(config, max_model_len, self.make_mlp)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
+
+    @staticmethod
+    def make_mlp(config: PretrainedConfig, layer_idx: int) -> nn.Module:
+        """The feed-forward block of layer `layer_idx` (MoE models override this)."""
+        return LlamaMLP(config)
 
     def tie_weights(self) -> None:
         """Share the embedding with the head (again after `to_empty`, which unties shared parameters)."""

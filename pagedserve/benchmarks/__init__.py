@@ -1,0 +1,1 @@
+"""Benchmark clients that run against a live server (`pagedserve bench ...`)."""

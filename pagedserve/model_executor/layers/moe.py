@@ -1,0 +1,83 @@
+"""Sparse mixture-of-experts feed-forward: a softmax router picks top-k experts per token.
+
+Experts are batched by expert: the flat (token, slot) assignments are sorted by expert id, each expert
+runs its gate/up and down projections as one matmul over its group of tokens (an expert with no
+tokens is skipped), and one `index_add_` sums the weighted outputs back per token, in ascending
+expert order as transformers adds them.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax (float32) over the experts, top-k, optionally renormalised to sum to 1: (weights, expert ids)."""
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    weights, expert_ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, expert_ids
+
+
+class FusedExperts(nn.Module):
+    """`num_experts` SwiGLU MLPs stored as 3-D parameters, in transformers' fused layout."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        top_k = expert_ids.shape[1]
+        flat_ids = expert_ids.flatten()
+        order = flat_ids.argsort()
+        token_ids = order // top_k
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        routed = x[token_ids]  # the input of each (token, slot) pair, grouped by expert
+        outputs = torch.empty_like(routed)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            rows = slice(start, start + count)
+            gate, up = F.linear(routed[rows], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            outputs[rows] = F.linear(F.silu(gate) * up, self.down_proj[expert])
+            start += count
+        outputs *= weights.flatten()[order].unsqueeze(1).to(outputs.dtype)
+        return torch.zeros_like(x).index_add_(0, token_ids, outputs)
+
+
+class SparseMoeBlock(nn.Module):
+    """Router (`gate`) + experts, with an optional always-on shared expert scaled by a sigmoid gate (Qwen2-MoE)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        num_experts: int,
+        top_k: int,
+        renormalize: bool,
+        hidden_act: str = "silu",
+        shared_expert: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        if hidden_act != "silu":
+            raise ValueError(f"hidden_act {hidden_act!r} is not supported for MoE experts (supported: silu)")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"num_experts_per_tok={top_k} must be between 1 and the number of experts ({num_experts})")
+        self.top_k = top_k
+        self.renormalize = renormalize
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.experts = FusedExperts(num_experts, hidden_size, intermediate_size)
+        self.shared_expert = shared_expert
+        if shared_expert is not None:
+            self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, expert_ids = select_experts(self.gate(x), self.top_k, self.renormalize)
+        out = self.experts(x, weights, expert_ids)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out

@@ -1,0 +1,125 @@
+"""GPT-2: learned position embeddings, LayerNorm, a GELU MLP, biases everywhere, tied head.
+
+The checkpoint stores its projections as transformers' `Conv1D` ([in, out]); `map_checkpoint` transposes
+them into `nn.Linear` ([out, in]) at load, so the matmuls and bf16 weight packing are those of every model.
+"""
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig
+
+from pagedserve.model_executor.attention.torch_paged import AttentionMetadata
+from pagedserve.model_executor.layers.attention import Attention
+
+_ACTIVATIONS = {  # transformers' activation_function -> the op
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+}
+_CONV1D_WEIGHTS = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
+
+
+class GPT2Attention(nn.Module):
+    def __init__(self, config: PretrainedConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        num_heads = config.num_attention_heads
+        head_dim = self.hidden_size // num_heads
+        scale = head_dim**-0.5 if config.scale_attn_weights else 1.0
+        if config.scale_attn_by_inverse_layer_idx:
+            scale /= layer_idx + 1
+        self.c_attn = nn.Linear(self.hidden_size, 3 * self.hidden_size)
+        self.c_proj = nn.Linear(self.hidden_size, self.hidden_size)
+        self.attn = Attention(num_heads, num_heads, head_dim, scale)
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.c_attn(x).split(self.hidden_size, dim=-1)
+        return self.c_proj(self.attn(q, k, v, meta))
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__()
+        inner = config.n_inner or 4 * config.hidden_size
+        self.c_fc = nn.Linear(config.hidden_size, inner)
+        self.c_proj = nn.Linear(inner, config.hidden_size)
+        self.act = _ACTIVATIONS[config.activation_function]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, config: PretrainedConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.attn = GPT2Attention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.mlp = GPT2MLP(config)
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), meta)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2Model(nn.Module):
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.num_hidden_layers))
+        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = self.wte(input_ids) + self.wpe(positions)
+        for block in self.h:
+            x = block(x, meta)
+        return self.ln_f(x)
+
+
+class GPT2LMHeadModel(nn.Module):
+    def __init__(self, config: PretrainedConfig, max_model_len: int) -> None:
+        super().__init__()
+        if getattr(config, "add_cross_attention", False):
+            raise ValueError("GPT-2 with cross-attention (add_cross_attention) is not supported")
+        if config.activation_function not in _ACTIVATIONS:
+            raise ValueError(
+                f"activation_function {config.activation_function!r} is not supported "
+                f"(supported: {', '.join(_ACTIVATIONS)})"
+            )
+        if max_model_len > config.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len {max_model_len} exceeds GPT-2's {config.max_position_embeddings} learned positions"
+            )
+        self.config = config
+        self.transformer = GPT2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the head (again after `to_empty`, which unties shared parameters)."""
+        if getattr(self.config, "tie_word_embeddings", False):
+            self.lm_head.weight = self.transformer.wte.weight
+
+    @staticmethod
+    def map_checkpoint(weights: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Conv1D weights transposed; old checkpoints' names without `transformer.` and their mask buffers."""
+        for name, tensor in weights:
+            if name.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers, not weights
+                continue
+            if not name.startswith(("transformer.", "lm_head.")):
+                name = f"transformer.{name}"
+            yield name, tensor.t() if name.endswith(_CONV1D_WEIGHTS) else tensor
+
+    def attention_layers(self) -> list[Attention]:
+        return [block.attn.attn for block in self.transformer.h]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        return self.transformer(input_ids, positions, meta)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden_states).float()

@@ -1,0 +1,84 @@
+"""The paged attention backend against dense attention: sliding windows, soft-capping, a custom scale."""
+
+import pytest
+import torch
+
+from pagedserve.model_executor.attention.torch_paged import AttentionMetadata, paged_attention, write_kv
+
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 2, 8
+# (tokens already in the cache, tokens computed this step): decodes, fresh prefills, chunks after a prefix;
+# chunks over 256 queries take several score matrices in the soft-capped path
+REQUESTS = [(0, 40), (50, 1), (70, 1), (30, 20), (4, 1), (100, 30), (0, 1), (9, 1), (0, 300), (20, 280)]
+
+
+def dense_attention(q, k, v, first_position, scale, window, soft_cap):
+    """q: [Tq, H, D] at positions first_position...; k, v: [Tk, Hkv, D] at positions 0...Tk-1."""
+    group = NUM_HEADS // NUM_KV_HEADS
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    if soft_cap is not None:
+        scores = soft_cap * torch.tanh(scores / soft_cap)
+    q_pos = torch.arange(first_position, first_position + q.shape[0])[:, None]
+    k_pos = torch.arange(k.shape[0])[None, :]
+    visible = k_pos <= q_pos
+    if window is not None:
+        visible &= k_pos > q_pos - window
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    return torch.einsum("hqk,khd->qhd", probs, v)
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+@pytest.mark.parametrize("window", [None, 1, 8, 33, 1000])
+@pytest.mark.parametrize("soft_cap", [None, 2.0])
+def test_matches_dense_attention(block_size, window, soft_cap):
+    gen = torch.Generator().manual_seed(0)
+    num_blocks = sum((c + n + block_size - 1) // block_size for c, n in REQUESTS) + 3
+    kv_cache = torch.zeros(2, NUM_KV_HEADS, num_blocks, block_size, HEAD_DIM)
+    free = torch.randperm(num_blocks, generator=gen).tolist()  # scattered blocks
+    block_tables, full_kv, qs = [], [], []
+    for cached, new in REQUESTS:
+        total = cached + new
+        table = [free.pop() for _ in range((total + block_size - 1) // block_size)]
+        k, v = torch.randn(2, total, NUM_KV_HEADS, HEAD_DIM, generator=gen)
+        positions = torch.arange(cached)
+        slots = torch.tensor(table)[positions // block_size] * block_size + positions % block_size
+        write_kv(kv_cache, k[:cached], v[:cached], slots)  # what earlier steps wrote
+        block_tables.append(table)
+        full_kv.append((k, v))
+        qs.append(torch.randn(new, NUM_HEADS, HEAD_DIM, generator=gen))
+
+    meta = AttentionMetadata.build(
+        [n for _, n in REQUESTS], [c + n for c, n in REQUESTS], [c + n for c, n in REQUESTS],
+        block_tables, block_size, torch.device("cpu"),
+    )
+    q = torch.cat(qs)
+    k = torch.cat([k[c:] for (c, _), (k, _) in zip(REQUESTS, full_kv)])
+    v = torch.cat([v[c:] for (c, _), (_, v) in zip(REQUESTS, full_kv)])
+    scale = 0.3
+    out = paged_attention(q, k, v, kv_cache, meta, scale, window, soft_cap)
+
+    row = 0
+    for (cached, new), (k_full, v_full), q_req in zip(REQUESTS, full_kv, qs):
+        expected = dense_attention(q_req, k_full, v_full, cached, scale, window, soft_cap)
+        torch.testing.assert_close(out[row : row + new], expected, atol=1e-5, rtol=1e-5)
+        row += new
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+@pytest.mark.parametrize("window", [1, 5, 16, 17])
+def test_windowed_decode_reads_only_the_window(block_size, window):
+    """Decode rows gather just the blocks their window touches, and those blocks cover it."""
+    context_lens = [3, 40, 41, 64, 100]
+    tables = [list(range(i * 100, i * 100 + (c + block_size - 1) // block_size)) for i, c in enumerate(context_lens)]
+    meta = AttentionMetadata.build(
+        [1] * len(context_lens), context_lens, context_lens, tables, block_size, torch.device("cpu")
+    )
+    block_ids, mask = meta.decode_view(window)
+    assert block_ids.shape[1] <= (window - 1 + block_size - 1) // block_size + 1
+    for i, ctx in enumerate(context_lens):
+        seen = {
+            int(block_ids[i, j // block_size]) * block_size + j % block_size
+            for j in torch.nonzero(mask[0, i, 0]).flatten().tolist()
+        }
+        positions = range(max(0, ctx - window), ctx)
+        assert seen == {tables[i][p // block_size] * block_size + p % block_size for p in positions}
