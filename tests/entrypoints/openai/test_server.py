@@ -337,3 +337,26 @@ def test_bounded_waiting_queue_503(llama_dir):
         assert proc.metrics()["vllm:kv_cache_usage_perc"] == 0
     finally:
         assert proc.stop() == 0
+
+
+def test_sigterm_with_a_request_in_flight_exits_cleanly(llama_dir):
+    """A stream still running at SIGTERM gets the grace period, is then cut off, and the server exits 0."""
+    proc = ServerProcess(llama_dir, "--shutdown-timeout", "1")
+    body = {"model": llama_dir, "prompt": "x", "max_tokens": 240, "stream": True, "ignore_eos": True}
+    lines = []
+    try:
+        with httpx.stream("POST", f"{proc.url}/v1/completions", json=body, timeout=60) as resp:
+            iterator = resp.iter_lines()
+            lines.append(next(line for line in iterator if line.startswith("data:")))
+            proc.proc.send_signal(signal.SIGTERM)
+            start = time.monotonic()
+            try:
+                lines.extend(iterator)
+            except httpx.HTTPError:
+                pass  # cut off after the grace period: fine
+        assert proc.proc.wait(timeout=30) == 0
+        assert time.monotonic() - start < 30
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"{proc.url}/health", timeout=2)  # no longer accepting
+    finally:
+        proc.stop()
