@@ -102,7 +102,7 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
                        help="a Jinja chat template, or a file holding one (default: the tokenizer's)")
     serve.add_argument("--max-waiting-requests", type=int, default=4096,
                        help="requests allowed to wait beyond the running batch; past it new ones get 503")
-    serve.add_argument("--engine-placement", choices=["thread", "process"], default="thread",
+    serve.add_argument("--engine-placement", choices=["thread", "process"], default="process",
                        help="run the engine loop in a thread of the server or in its own process (ZeroMQ)")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds in-flight requests get to finish after SIGTERM before they are aborted")
