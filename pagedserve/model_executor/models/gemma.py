@@ -16,8 +16,8 @@ from transformers import PretrainedConfig
 from pagedserve.model_executor.attention.torch_paged import AttentionMetadata
 from pagedserve.model_executor.layers.attention import Attention, sliding_windows
 from pagedserve.model_executor.layers.layernorm import GemmaRMSNorm
-from pagedserve.model_executor.layers.rotary import RotaryEmbedding, apply_rotary, rope_parameters
-from pagedserve.model_executor.models.llama import LlamaForCausalLM, Rope
+from pagedserve.model_executor.layers.rotary import RotaryEmbedding, rope_parameters
+from pagedserve.model_executor.models.llama import LlamaAttention, LlamaForCausalLM, Rope
 
 
 class GemmaAttention(nn.Module):
@@ -39,15 +39,7 @@ class GemmaAttention(nn.Module):
         scale = config.query_pre_attn_scalar**-0.5
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale, sliding_window, soft_cap)
 
-    def forward(self, rope: Rope, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(num_tokens, self.num_heads, self.head_dim)
-        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        return self.o_proj(self.attn(q.flatten(1), k.flatten(1), v, meta))
+    forward = LlamaAttention.forward  # same projections, q/k norm and rope; only the layer set-up differs
 
 
 class GemmaMLP(nn.Module):
