@@ -7,6 +7,7 @@ import torch
 
 from pagedserve.config import EngineConfig
 from pagedserve.core.scheduler import ScheduledRequest
+from pagedserve.model_executor.attention import cpu_kernel
 from pagedserve.model_executor.attention.torch_paged import AttentionMetadata
 from pagedserve.model_executor.layers.sampler import Sampler, SamplingMetadata
 from pagedserve.model_executor.loader import load_model
@@ -45,6 +46,9 @@ class ModelRunner:
         self.block_size = config.block_size
         self.num_kv_blocks = self._num_kv_blocks()
         self.kv_caches = self._allocate_kv_cache()
+        if self.device.type == "cpu":  # build (or load the cached) kernel now, not in the first step
+            native = cpu_kernel.load_kernel() is not None and self.config.dtype in (torch.float32, torch.bfloat16)
+            logger.info("decode attention: %s", "native CPU kernel" if native else "PyTorch path")
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
 

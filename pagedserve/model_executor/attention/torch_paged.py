@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from pagedserve.model_executor.attention import cpu_kernel
+
 
 @dataclass
 class PrefillChunk:
@@ -153,7 +155,15 @@ def paged_attention(
     num_kv_heads = k.shape[1]
     group = num_heads // num_kv_heads
 
-    if len(meta.decode_rows):
+    if len(meta.decode_rows) and cpu_kernel.supports(q):
+        window_starts = None
+        if sliding_window is not None and meta.max_decode_context_len > sliding_window:
+            window_starts = meta.decode_context_lens - sliding_window
+        out[meta.decode_rows] = cpu_kernel.paged_decode_attention(
+            q[meta.decode_rows], kv_cache, meta.decode_block_tables, meta.decode_context_lens, window_starts, scale,
+            soft_cap,
+        )
+    elif len(meta.decode_rows):
         # [Hkv, Bd, G, D] x [Hkv, Bd, D, L]: GQA without repeating K/V; batched matmuls over (Hkv, Bd).
         num_decodes = len(meta.decode_rows)
         block_tables, mask = meta.decode_view(sliding_window)

@@ -1,8 +1,12 @@
-"""The paged attention backend against dense attention: sliding windows, soft-capping, a custom scale."""
+"""The paged attention backend against dense attention: sliding windows, soft-capping, a custom scale.
+
+Decode rows run twice: through the native CPU kernel and through the portable PyTorch path.
+"""
 
 import pytest
 import torch
 
+from pagedserve.model_executor.attention import cpu_kernel
 from pagedserve.model_executor.attention.torch_paged import AttentionMetadata, paged_attention, write_kv
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 2, 8
@@ -27,10 +31,19 @@ def dense_attention(q, k, v, first_position, scale, window, soft_cap):
     return torch.einsum("hqk,khd->qhd", probs, v)
 
 
+@pytest.fixture(params=["native", "torch"])
+def decode_backend(request, monkeypatch):
+    if request.param == "torch":
+        monkeypatch.setattr(cpu_kernel, "supports", lambda q: False)
+    else:
+        assert cpu_kernel.load_kernel() is not None, "the CPU kernel must build on this machine"
+    return request.param
+
+
 @pytest.mark.parametrize("block_size", [4, 16])
 @pytest.mark.parametrize("window", [None, 1, 8, 33, 1000])
 @pytest.mark.parametrize("soft_cap", [None, 2.0])
-def test_matches_dense_attention(block_size, window, soft_cap):
+def test_matches_dense_attention(block_size, window, soft_cap, decode_backend):
     gen = torch.Generator().manual_seed(0)
     num_blocks = sum((c + n + block_size - 1) // block_size for c, n in REQUESTS) + 3
     kv_cache = torch.zeros(2, NUM_KV_HEADS, num_blocks, block_size, HEAD_DIM)

@@ -1,0 +1,107 @@
+"""The native CPU decode-attention kernel: built from `paged_attention_cpu.cpp` on first use, cached, called via ctypes.
+
+The build takes about a second (no torch headers) and is cached under `~/.cache/pagedserve/kernels`, keyed by the
+source, the compiler flags and this CPU's feature flags (it is built with -march=native). Without a C++ compiler,
+or with `PAGEDSERVE_ATTENTION_BACKEND=torch`, attention stays on the portable PyTorch path.
+"""
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("paged_attention_cpu.cpp")
+_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC"]
+_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(compiler: str) -> Path:
+    key = hashlib.sha256(
+        "\0".join([_SOURCE.read_text(), compiler, *_FLAGS, platform.machine(), _cpu_flags()]).encode()
+    ).hexdigest()[:16]
+    cache_dir = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pagedserve" / "kernels"
+    library = cache_dir / f"paged_attention_cpu-{key}.so"
+    if not library.exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:  # build aside, then rename: safe between processes
+            built = Path(tmp) / library.name
+            command = [compiler, *_FLAGS, str(_SOURCE), "-o", str(built)]
+            subprocess.run(command, check=True, capture_output=True, text=True)
+            built.replace(library)
+    return library
+
+
+@functools.cache
+def load_kernel() -> ctypes.CDLL | None:
+    """The compiled kernel library, or None (with one warning) when it cannot be built here."""
+    if os.environ.get("PAGEDSERVE_ATTENTION_BACKEND", "native") == "torch":
+        return None
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        logger.warning("no C++ compiler found: decode attention uses the portable PyTorch path")
+        return None
+    try:
+        library = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = (getattr(error, "stderr", "") or str(error))[-2000:]
+        logger.warning("building the CPU attention kernel failed, using the PyTorch path: %s", detail)
+        return None
+    for dtype in _DTYPES.values():
+        function = getattr(library, f"paged_decode_attention_{dtype}")
+        function.restype = None
+        function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 6 + [
+            ctypes.c_float
+        ] * 2
+    return library
+
+
+def supports(q: torch.Tensor) -> bool:
+    return q.device.type == "cpu" and q.dtype in _DTYPES and load_kernel() is not None
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    window_starts: torch.Tensor | None,
+    scale: float,
+    soft_cap: float | None,
+) -> torch.Tensor:
+    """q: [B, H, D] (one token per sequence); kv_cache: [2, Hkv, num_blocks, block_size, D]; block_tables:
+    [B, >= blocks used] int64; context_lens: [B] int64; window_starts: [B] int64, first visible position.
+    Returns [B, H, D]. Call only where `supports(q)`."""
+    q = q.contiguous()
+    assert kv_cache.is_contiguous() and kv_cache.dtype == q.dtype
+    assert block_tables.dtype == context_lens.dtype == torch.int64 and block_tables.stride(1) == 1
+    assert context_lens.is_contiguous() and (window_starts is None or window_starts.is_contiguous())
+    num_seqs, num_heads, head_dim = q.shape
+    _, num_kv_heads, num_blocks, block_size, _ = kv_cache.shape
+    out = torch.empty_like(q)
+    function = getattr(load_kernel(), f"paged_decode_attention_{_DTYPES[q.dtype]}")
+    function(
+        out.data_ptr(), q.data_ptr(), kv_cache.data_ptr(), block_tables.data_ptr(), block_tables.stride(0),
+        context_lens.data_ptr(), None if window_starts is None else window_starts.data_ptr(),
+        num_seqs, num_heads, num_kv_heads, head_dim, num_blocks, block_size, scale, soft_cap or 0.0,
+    )
+    return out

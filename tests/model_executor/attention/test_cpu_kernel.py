@@ -1,0 +1,103 @@
+"""The native CPU decode kernel against dense attention in float64, and its fallbacks."""
+
+import logging
+
+import pytest
+import torch
+
+from pagedserve.model_executor.attention import cpu_kernel
+
+# (head_dim, query heads, KV heads): 64 / 128 / 256 take the AVX-512 path where the CPU has it, 24 the portable one
+SHAPES = [(64, 9, 3), (128, 8, 8), (256, 8, 2), (24, 4, 1)]
+CONTEXT_LENS = [1, 15, 16, 17, 33, 300]
+
+
+def reference(q, kv_cache, block_tables, context_lens, window, scale, soft_cap):
+    """Dense attention of each sequence's one query over its cached positions (within the window), in float64."""
+    _, num_kv_heads, _, block_size, _ = kv_cache.shape
+    group = q.shape[1] // num_kv_heads
+    out = []
+    for i, context_len in enumerate(context_lens.tolist()):
+        positions = torch.arange(max(0, context_len - window) if window else 0, context_len)
+        blocks = block_tables[i, positions // block_size]
+        k = kv_cache[0][:, blocks, positions % block_size].double().repeat_interleave(group, 0)  # [H, L, D]
+        v = kv_cache[1][:, blocks, positions % block_size].double().repeat_interleave(group, 0)
+        scores = torch.einsum("hd,hld->hl", q[i].double(), k) * scale
+        if soft_cap:
+            scores = soft_cap * torch.tanh(scores / soft_cap)
+        out.append(torch.einsum("hl,hld->hd", torch.softmax(scores, -1), v))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim,num_heads,num_kv_heads", SHAPES)
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+@pytest.mark.parametrize("window,soft_cap", [(None, None), (20, None), (None, 3.0)])
+def test_matches_dense_reference(dtype, head_dim, num_heads, num_kv_heads, block_size, window, soft_cap):
+    assert cpu_kernel.load_kernel() is not None, "the CPU kernel must build on this machine"
+    gen = torch.Generator().manual_seed(head_dim + block_size)
+    context_lens = torch.tensor(CONTEXT_LENS)
+    blocks_per_seq = (max(CONTEXT_LENS) + block_size - 1) // block_size
+    num_blocks = len(CONTEXT_LENS) * blocks_per_seq + 5
+    kv_cache = torch.randn(2, num_kv_heads, num_blocks, block_size, head_dim, generator=gen).to(dtype)
+    # scattered blocks; columns past a sequence's context hold garbage ids the kernel must not need
+    block_ids = torch.randperm(num_blocks, generator=gen)[: len(CONTEXT_LENS) * blocks_per_seq]
+    block_tables = block_ids.view(-1, blocks_per_seq)
+    q = torch.randn(len(CONTEXT_LENS), num_heads, head_dim, generator=gen).to(dtype)
+    scale = head_dim**-0.5
+    window_starts = context_lens - window if window else None
+
+    out = cpu_kernel.paged_decode_attention(q, kv_cache, block_tables, context_lens, window_starts, scale, soft_cap)
+
+    expected = reference(q, kv_cache, block_tables, context_lens, window, scale, soft_cap)
+    # float32 throughout; bfloat16 inputs are exact in float32, so only the output's rounding differs
+    tolerance = 1e-5 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(out.double(), expected, atol=tolerance, rtol=tolerance)
+
+
+def test_reads_through_a_sliced_block_table():
+    """A table that is a column slice of a wider one (row stride > width) is read with its stride."""
+    gen = torch.Generator().manual_seed(1)
+    kv_cache = torch.randn(2, 2, 40, 16, 64, generator=gen)
+    wide = torch.randperm(40, generator=gen)[:30].view(3, 10)
+    context_lens = torch.tensor([40, 17, 64])
+    q = torch.randn(3, 4, 64, generator=gen)
+    out = cpu_kernel.paged_decode_attention(q, kv_cache, wide[:, :4], context_lens, None, 0.125, None)
+    expected = reference(q, kv_cache, wide, context_lens, None, 0.125, None)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture
+def fresh_kernel():
+    cpu_kernel.load_kernel.cache_clear()
+    yield
+    cpu_kernel.load_kernel.cache_clear()
+
+
+def test_torch_backend_turns_the_kernel_off(monkeypatch, fresh_kernel):
+    monkeypatch.setenv("PAGEDSERVE_ATTENTION_BACKEND", "torch")
+    assert cpu_kernel.load_kernel() is None
+    assert not cpu_kernel.supports(torch.zeros(1, 1, 8))
+
+
+def test_a_failed_build_falls_back_with_a_warning(monkeypatch, tmp_path, caplog, fresh_kernel):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing cached: it must build
+    monkeypatch.setenv("CXX", "false")
+    with caplog.at_level(logging.WARNING):
+        assert cpu_kernel.load_kernel() is None
+    assert "PyTorch path" in caplog.text
+
+
+def test_the_build_is_cached(monkeypatch, tmp_path, fresh_kernel):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cpu_kernel.load_kernel() is not None
+    [library] = (tmp_path / "pagedserve" / "kernels").glob("*.so")
+    built_at = library.stat().st_mtime_ns
+    cpu_kernel.load_kernel.cache_clear()
+    assert cpu_kernel.load_kernel() is not None
+    assert library.stat().st_mtime_ns == built_at
+
+
+def test_other_dtypes_are_not_supported():
+    assert cpu_kernel.supports(torch.zeros(1, 1, 8))
+    assert not cpu_kernel.supports(torch.zeros(1, 1, 8, dtype=torch.float16))
