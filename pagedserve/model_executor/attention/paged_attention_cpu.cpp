@@ -61,6 +61,49 @@ inline __m512 load16(const uint16_t* p) {  // 16 bfloat16 -> 16 float32
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
 
+// exp of 16 floats (Cephes' expf: 2^k * exp(r), |r| <= ln2 / 2, degree-6 polynomial; ~1 ulp). Inputs below -87
+// give ~1e-38 instead of 0, which is what softmax needs (they come only from scores far below the maximum).
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(y, k);
+}
+
+// softmax_rows with AVX-512 arithmetic and exp16
+void softmax_rows_avx512(float* scores, int64_t rows, int64_t len) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* s = scores + r * len;
+    __m512 max16 = _mm512_set1_ps(-INFINITY);
+    for (int64_t i = 0; i < len; i += 16) {
+      const __mmask16 m = len - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (len - i)) - 1);
+      max16 = _mm512_mask_max_ps(max16, m, max16, _mm512_maskz_loadu_ps(m, s + i));
+    }
+    const __m512 max_score = _mm512_set1_ps(_mm512_reduce_max_ps(max16));
+    __m512 sum16 = _mm512_setzero_ps();
+    for (int64_t i = 0; i < len; i += 16) {
+      const __mmask16 m = len - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (len - i)) - 1);
+      const __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + i), max_score)));
+      sum16 = _mm512_add_ps(sum16, e);
+      _mm512_mask_storeu_ps(s + i, m, e);
+    }
+    const __m512 inv_sum = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum16));
+    for (int64_t i = 0; i < len; i += 16) {
+      const __mmask16 m = len - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (len - i)) - 1);
+      _mm512_mask_storeu_ps(s + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + i), inv_sum));
+    }
+  }
+}
+
 // lane t of the result = sum of the 16 lanes of v[t]: a transpose-and-add tree, ~50 instructions for 16 sums
 inline __m512 sum_lanes16(const __m512* v) {
   __m512 pairs[8], quads[4];
@@ -116,7 +159,7 @@ void attend_avx512(const float* query, const T* keys, const T* values, const int
         for (int t = 0; t < n; ++t) out[t] = soft_cap * std::tanh(out[t] / soft_cap);
     }
   }
-  softmax_rows(scores, group, len);
+  softmax_rows_avx512(scores, group, len);
   for (int64_t i = 0; i < group * HEAD_DIM; ++i) acc[i] = 0.f;
   for (int64_t pos0 = first; pos0 < context_len; pos0 += 16) {
     const int n = context_len - pos0 < 16 ? int(context_len - pos0) : 16;
