@@ -1,14 +1,30 @@
-"""pagedserve: a high-throughput LLM inference engine with a paged KV cache and continuous batching."""
+"""pagedserve: a high-throughput LLM inference engine with a paged KV cache and continuous batching.
 
+The public names load on first use (PEP 562), so `import pagedserve.<light module>` does not pull in torch:
+the server starts its engine process before the front end's own heavy imports.
+"""
+
+import importlib
 import logging
-
-from pagedserve.config import EngineArgs
-from pagedserve.frontend.llm import LLM
-from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput
-from pagedserve.sampling_params import SamplingParams
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "EngineArgs"]
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "LLM": "pagedserve.frontend.llm",
+    "SamplingParams": "pagedserve.sampling_params",
+    "RequestOutput": "pagedserve.outputs",
+    "CompletionOutput": "pagedserve.outputs",
+    "Logprob": "pagedserve.outputs",
+    "EngineArgs": "pagedserve.engine_args",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pagedserve' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
 
 _logger = logging.getLogger("pagedserve")
 if not _logger.handlers:

@@ -1,39 +1,18 @@
-"""EngineArgs (what a user sets, vLLM's names) and the resolved EngineConfig the engine runs with."""
+"""The resolved EngineConfig the engine runs with, made from EngineArgs (what a user sets, vLLM's names)."""
 
 import logging
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from pagedserve.engine_args import EngineArgs
 from pagedserve.model_executor import gguf_loader
 
 logger = logging.getLogger("pagedserve")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class EngineArgs:
-    model: str | None = None  # HF checkpoint directory or .gguf file; None: the default model
-    tokenizer: str | None = None
-    gguf_file: str | None = None  # a GGUF file inside the `model` directory
-    dtype: str = "auto"
-    max_model_len: int | None = None
-    block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None
-    kv_cache_memory_bytes: int | None = None
-    num_kv_blocks: int | None = None
-    num_gpu_blocks_override: int | None = None  # vLLM's name for num_kv_blocks
-    enable_prefix_caching: bool = True
-    seed: int = 0
-    device: str = "auto"
-
-    @classmethod
-    def field_names(cls) -> set[str]:
-        return {f.name for f in fields(cls)}
 
 
 @dataclass

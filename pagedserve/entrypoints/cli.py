@@ -7,7 +7,7 @@ import sys
 import types
 import typing
 
-from pagedserve.config import EngineArgs
+from pagedserve.engine_args import EngineArgs
 
 _HELP = {
     "model": "HF checkpoint directory or .gguf file (default: the bundled SmolLM2-135M-Instruct GGUF)",
@@ -78,12 +78,22 @@ def _served_model_name(ns: argparse.Namespace) -> str:
 
 
 def _serve(ns: argparse.Namespace) -> None:
-    from pagedserve.entrypoints.openai.api_server import run_server
-    from pagedserve.frontend.async_llm import AsyncLLM
+    from pagedserve.frontend.engine_process import start_engine_process
 
-    model_name = _served_model_name(ns)
-    engine = AsyncLLM(engine_args_from(ns), ns.engine_placement, model_name, ns.log_interval,
-                      ns.max_waiting_requests)
+    engine_args = engine_args_from(ns)
+    # the engine process first: its imports and model load overlap the front end's imports below
+    engine_process = start_engine_process(engine_args) if ns.engine_placement == "process" else None
+    try:
+        from pagedserve.entrypoints.openai.api_server import run_server
+        from pagedserve.frontend.async_llm import AsyncLLM
+
+        model_name = _served_model_name(ns)
+        engine = AsyncLLM(engine_args, ns.engine_placement, model_name, ns.log_interval, ns.max_waiting_requests,
+                          engine_process)
+    except BaseException:
+        if engine_process is not None:
+            engine_process.stop()
+        raise
     run_server(engine, model_name, ns.host, ns.port, ns.api_key, _read_chat_template(ns.chat_template),
                ns.shutdown_timeout)
 

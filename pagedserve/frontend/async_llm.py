@@ -16,6 +16,7 @@ from pagedserve.frontend.core_client import (
     ThreadCoreClient,
     UtilityCall,
 )
+from pagedserve.frontend.engine_process import EngineProcess, start_engine_process
 from pagedserve.frontend.input_processor import InputProcessor, PromptType
 from pagedserve.frontend.metrics import LoggingStatLogger, PrometheusMetrics
 from pagedserve.frontend.output_processor import OutputProcessor, RequestState
@@ -36,7 +37,10 @@ class AsyncLLM:
         model_name: str = "model",
         log_interval: float = 5.0,
         max_waiting_requests: int | None = None,
+        engine_process: EngineProcess | None = None,
     ) -> None:
+        """`engine_process`: one already started with these engine_args (placement "process"), so that its
+        start-up overlapped the caller's; by default it is started here."""
         if engine_placement not in PLACEMENTS:
             raise ValueError(f"engine_placement must be one of {PLACEMENTS}, got {engine_placement!r}")
         self.config: EngineConfig = create_engine_config(engine_args)
@@ -46,7 +50,10 @@ class AsyncLLM:
         self.metrics = PrometheusMetrics(model_name)
         self.stat_logger = LoggingStatLogger(log_interval)
         self.max_waiting_requests = max_waiting_requests
-        self.client = ThreadCoreClient(self.config) if engine_placement == "thread" else ProcessCoreClient(self.config)
+        if engine_placement == "thread":
+            self.client = ThreadCoreClient(self.config)
+        else:
+            self.client = ProcessCoreClient(engine_process or start_engine_process(engine_args))
         self.streams: dict[str, asyncio.Queue[RequestOutput | Exception]] = {}
         self.pending_calls: dict[int, asyncio.Future] = {}
         self.call_ids = itertools.count()

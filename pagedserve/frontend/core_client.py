@@ -9,10 +9,7 @@ Either way the front end sends messages (add, abort, a utility call) and receive
 
 import asyncio
 import logging
-import multiprocessing
-import os
 import queue
-import tempfile
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -21,8 +18,10 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from pagedserve.config import EngineConfig
+from pagedserve.config import EngineConfig, create_engine_config
 from pagedserve.core.engine_core import EngineCore, EngineCoreOutput
+from pagedserve.engine_args import EngineArgs
+from pagedserve.frontend.engine_process import EngineProcess
 from pagedserve.sampling_params import SamplingParams
 
 logger = logging.getLogger("pagedserve")
@@ -142,7 +141,7 @@ class ThreadCoreClient:
             self.thread.join(timeout=10)
 
 
-def _engine_process_main(config: EngineConfig, input_path: str, output_path: str) -> None:
+def engine_process_main(engine_args: EngineArgs, input_path: str, output_path: str) -> None:
     """Entry point of the core process: build the engine, say ready, then run the loop over ZeroMQ."""
     context = zmq.Context()
     inputs = context.socket(zmq.PULL)
@@ -151,7 +150,7 @@ def _engine_process_main(config: EngineConfig, input_path: str, output_path: str
     outputs.connect(output_path)
     encoder = msgspec.msgpack.Encoder()
     try:
-        core = EngineCore(config)
+        core = EngineCore(create_engine_config(engine_args))
     except Exception as e:
         logger.exception("engine start-up failed")
         outputs.send(encoder.encode(EngineReady(error=f"{type(e).__name__}: {e}")))
@@ -176,22 +175,16 @@ def _engine_process_main(config: EngineConfig, input_path: str, output_path: str
 class ProcessCoreClient:
     """The engine loop in a spawned process, talking msgpack over ZeroMQ IPC sockets."""
 
-    def __init__(self, config: EngineConfig) -> None:
-        self.tmpdir = tempfile.TemporaryDirectory(prefix="pagedserve-")
-        input_path = f"ipc://{os.path.join(self.tmpdir.name, 'input')}"
-        output_path = f"ipc://{os.path.join(self.tmpdir.name, 'output')}"
+    def __init__(self, engine: EngineProcess) -> None:
+        self.engine = engine
+        self.process = engine.process
         self.context = zmq.asyncio.Context()
         self.inputs = self.context.socket(zmq.PUSH)
-        self.inputs.bind(input_path)
+        self.inputs.bind(engine.input_path)
         self.outputs = self.context.socket(zmq.PULL)
-        self.outputs.bind(output_path)
+        self.outputs.bind(engine.output_path)
         self.encoder = msgspec.msgpack.Encoder()
         self.decoder = msgspec.msgpack.Decoder(EngineCoreOutputs)
-        self.process = multiprocessing.get_context("spawn").Process(
-            target=_engine_process_main, args=(config, input_path, output_path), name="pagedserve-engine",
-            daemon=True,
-        )
-        self.process.start()
         self.output_task: asyncio.Task | None = None
 
     async def wait_ready(self) -> None:
@@ -228,4 +221,4 @@ class ProcessCoreClient:
         self.inputs.close(linger=0)
         self.outputs.close(linger=0)
         self.context.term()
-        self.tmpdir.cleanup()
+        self.engine.stop()

@@ -1,0 +1,26 @@
+"""EngineArgs: what a user sets, with vLLM's names. Imports nothing heavy, so the CLI can start the engine
+process before the front end pays for torch and transformers."""
+
+from dataclasses import dataclass, fields
+
+
+@dataclass
+class EngineArgs:
+    model: str | None = None  # HF checkpoint directory or .gguf file; None: the default model
+    tokenizer: str | None = None
+    gguf_file: str | None = None  # a GGUF file inside the `model` directory
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    num_kv_blocks: int | None = None
+    num_gpu_blocks_override: int | None = None  # vLLM's name for num_kv_blocks
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    device: str = "auto"
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
