@@ -362,7 +362,7 @@ def kv_waste(s: Settings, vocab_size: int) -> WasteResult:
             result.used += r.num_computed_tokens
             result.paged += len(kv.req_blocks.get(r.request_id, ())) * kv.block_size
             result.reserve_max_len += result.max_model_len
-            result.reserve_request += r.num_prompt_tokens + max_tokens[r.request_id]
+            result.reserve_request += r.num_prompt_tokens + max_tokens[r.client_request_id]
         if time.perf_counter() - last_report > 30:
             last_report = time.perf_counter()
             log(f"  {result.output_tokens}/{total_output} output tokens, {len(running)} running")
