@@ -47,7 +47,7 @@ class ModelRunner:
         self.num_kv_blocks = self._num_kv_blocks()
         self.kv_caches = self._allocate_kv_cache()
         if self.device.type == "cpu":  # build (or load the cached) kernel now, not in the first step
-            native = cpu_kernel.load_kernel() is not None and self.config.dtype in (torch.float32, torch.bfloat16)
+            native = cpu_kernel.supports(torch.empty(0, dtype=self.config.dtype))
             logger.info("decode attention: %s", "native CPU kernel" if native else "PyTorch path")
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}

@@ -79,26 +79,29 @@ inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(y, k);
 }
 
+// the first min(n, 16) lanes
+inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }
+
 // softmax_rows with AVX-512 arithmetic and exp16
 void softmax_rows_avx512(float* scores, int64_t rows, int64_t len) {
   for (int64_t r = 0; r < rows; ++r) {
     float* s = scores + r * len;
     __m512 max16 = _mm512_set1_ps(-INFINITY);
     for (int64_t i = 0; i < len; i += 16) {
-      const __mmask16 m = len - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (len - i)) - 1);
+      const __mmask16 m = first_lanes(len - i);
       max16 = _mm512_mask_max_ps(max16, m, max16, _mm512_maskz_loadu_ps(m, s + i));
     }
     const __m512 max_score = _mm512_set1_ps(_mm512_reduce_max_ps(max16));
     __m512 sum16 = _mm512_setzero_ps();
     for (int64_t i = 0; i < len; i += 16) {
-      const __mmask16 m = len - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (len - i)) - 1);
+      const __mmask16 m = first_lanes(len - i);
       const __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + i), max_score)));
       sum16 = _mm512_add_ps(sum16, e);
       _mm512_mask_storeu_ps(s + i, m, e);
     }
     const __m512 inv_sum = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum16));
     for (int64_t i = 0; i < len; i += 16) {
-      const __mmask16 m = len - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (len - i)) - 1);
+      const __mmask16 m = first_lanes(len - i);
       _mm512_mask_storeu_ps(s + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + i), inv_sum));
     }
   }
@@ -143,7 +146,7 @@ void attend_avx512(const float* query, const T* keys, const T* values, const int
   };
   for (int64_t pos0 = first; pos0 < context_len; pos0 += 16) {
     const int n = context_len - pos0 < 16 ? int(context_len - pos0) : 16;
-    const __mmask16 valid = __mmask16((1u << n) - 1);
+    const __mmask16 valid = first_lanes(n);
     load_rows(keys, pos0, n);
     for (int64_t g = 0; g < group; ++g) {
       __m512 q[kVectors], dots[16];
