@@ -17,11 +17,12 @@ $(STAMP): pyproject.toml
 serve: $(STAMP)
 	@echo 'OpenAI server on http://127.0.0.1:8000/v1 (default model). Try, from another shell:'
 	@echo "  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\"
-	@echo "    -d '{\"messages\": [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}]}'"
-	.venv/bin/pagedserve serve --host 127.0.0.1 --port 8000
+	@echo "    -d '{\"messages\": [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}], \"max_tokens\": 64}'"
+	.venv/bin/pagedserve serve --host 127.0.0.1 --port 8000 --enable-auto-tool-choice --tool-call-parser hermes
 
 test: $(STAMP)
 	.venv/bin/ruff check pagedserve tests benchmarks
+	.venv/bin/mypy pagedserve
 	$(PY) -m pytest tests
 
 bench: $(STAMP)

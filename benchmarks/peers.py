@@ -106,12 +106,8 @@ def export_hf_dir() -> str:
     import torch
     from transformers import LlamaForCausalLM
 
-    from pagedserve.model_executor.gguf_loader import (
-        default_model_path,
-        iter_gguf_tensors,
-        load_gguf_config,
-        load_gguf_tokenizer,
-    )
+    from pagedserve.model_executor.gguf_loader import iter_gguf_tensors, load_gguf_config, load_gguf_tokenizer
+    from pagedserve.model_files import default_model_path
 
     gguf = default_model_path()
     log(f"exporting {gguf} -> {HF_DIR}")

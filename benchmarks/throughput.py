@@ -38,12 +38,13 @@ from common import (
 from report import replace_section
 
 from pagedserve import LLM, SamplingParams
+from pagedserve.engine.protocol import EngineStats
 from pagedserve.model_executor.gguf_loader import (
-    default_model_path,
     iter_gguf_tensors,
     load_gguf_config,
     load_gguf_tokenizer,
 )
+from pagedserve.model_files import default_model_path
 
 # Quoted from the issue, NOT measured here: vLLM 0.32 (CPU backend) on the same workload, output tok/s.
 VLLM_QUOTED = {1: 38, 16: 359, 64: 485, 256: 528}
@@ -200,7 +201,7 @@ def make_llm(s: Settings, dtype: str, max_model_len: int | None = None, model: s
 def pagedserve_runs(
     s: Settings, dtype: str, prompts: list[list[int]], model: str | None = None,
     batch_sizes: tuple[int, ...] | None = None,
-) -> tuple[list[RunResult], dict]:
+) -> tuple[list[RunResult], EngineStats]:
     llm = make_llm(s, dtype, model=model)
     log(f"pagedserve {dtype}: warm-up")
     llm.generate([{"prompt_token_ids": p} for p in prompts[:4]], SamplingParams(max_tokens=4, ignore_eos=True,
@@ -208,13 +209,13 @@ def pagedserve_runs(
     results = []
     for n in batch_sizes or s.batch_sizes:
         log(f"pagedserve {dtype}: {n} requests x {s.output_len} tokens ...")
-        preempted_before = llm.stats()["num_preemptions"]
+        preempted_before = llm.stats().num_preemptions
         start = time.perf_counter()
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:n]], s.sampling(), use_tqdm=False)
         seconds = time.perf_counter() - start
         token_ids = [list(o.outputs[0].token_ids) for o in outs]
         result = RunResult("pagedserve", dtype, n, n, sum(map(len, token_ids)), seconds,
-                           llm.stats()["num_preemptions"] - preempted_before, token_ids)
+                           llm.stats().num_preemptions - preempted_before, token_ids)
         log(f"  {result.tok_s:,.1f} tok/s ({seconds:.1f} s)")
         results.append(result)
     stats = llm.stats()
@@ -347,7 +348,7 @@ def kv_waste(s: Settings, vocab_size: int) -> WasteResult:
         max_tokens[request_id] = output_len
 
     stats = llm.stats()
-    result = WasteResult(s.waste_requests, 0, 0.0, 0, 0, 0, stats["num_kv_blocks_total"] * kv.block_size,
+    result = WasteResult(s.waste_requests, 0, 0.0, 0, 0, 0, stats.num_kv_blocks_total * kv.block_size,
                          llm.config.max_model_len)
     total_output = sum(o for _, o in lengths)
     log(f"KV waste: {s.waste_requests} requests, {sum(p for p, _ in lengths)} prompt + {total_output} output "
@@ -367,7 +368,7 @@ def kv_waste(s: Settings, vocab_size: int) -> WasteResult:
             last_report = time.perf_counter()
             log(f"  {result.output_tokens}/{total_output} output tokens, {len(running)} running")
     result.seconds = time.perf_counter() - start
-    result.preemptions = llm.stats()["num_preemptions"]
+    result.preemptions = llm.stats().num_preemptions
     log(f"  {result.output_tokens / result.seconds:,.1f} tok/s ({result.seconds:.1f} s, {result.steps} "
         "steps)")
     del llm, engine, kv
@@ -480,7 +481,7 @@ def moe_runs(s: Settings) -> MoeResult:
     log(f"MoE model {checkpoint}")
     paged, stats = pagedserve_runs(s, s.moe_dtype, prompts, model=checkpoint, batch_sizes=s.moe_batch_sizes)
     hf, hf_model = transformers_runs(s, s.moe_dtype, prompts, checkpoint, batch_sizes=s.moe_hf_batch_sizes)
-    return MoeResult(s, paged, hf, stats["num_kv_blocks_total"], hf_model)
+    return MoeResult(s, paged, hf, stats.num_kv_blocks_total, hf_model)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -496,7 +497,7 @@ class Report:
     cost: ModelCost
     paged: list[RunResult]
     hf: list[RunResult]
-    kv_stats: dict[str, dict]
+    kv_stats: dict[str, EngineStats]
     rooflines: dict[str, Roofline]
     waste: WasteResult
     startup: StartupResult
@@ -522,7 +523,7 @@ def settings_section(r: Report) -> str:
         ("pagedserve engine", f"max_model_len={s.max_model_len}, block_size={s.block_size}, "
                               f"max_num_seqs={s.max_num_seqs}, "
                               f"max_num_batched_tokens={s.max_num_batched_tokens}, default KV pool size"),
-        ("KV pool (blocks)", ", ".join(f"{d}: {st['num_kv_blocks_total']}" for d, st in r.kv_stats.items())),
+        ("KV pool (blocks)", ", ".join(f"{d}: {st.num_kv_blocks_total}" for d, st in r.kv_stats.items())),
         ("transformers", f"`LlamaForCausalLM.generate`; one at a time: {s.hf_single_requests} request(s); "
                          f"static batches of {', '.join(map(str, s.hf_batch_sizes))}, left-padded with an "
                          f"attention mask, `max_new_tokens=min_new_tokens={s.output_len}`, greedy"),

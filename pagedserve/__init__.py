@@ -7,12 +7,15 @@ the server starts its engine process before the front end's own heavy imports.
 import importlib
 import logging
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "EngineArgs"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput", "Logprob",
+           "EngineArgs", "AsyncLLM"]
 __version__ = "0.1.0"
 
 _EXPORTS = {
     "LLM": "pagedserve.frontend.llm",
     "SamplingParams": "pagedserve.sampling_params",
+    "StructuredOutputsParams": "pagedserve.sampling_params",
+    "AsyncLLM": "pagedserve.frontend.async_llm",
     "RequestOutput": "pagedserve.outputs",
     "CompletionOutput": "pagedserve.outputs",
     "Logprob": "pagedserve.outputs",

@@ -1,6 +1,6 @@
 """The resolved EngineConfig the engine runs with, made from EngineArgs (what a user sets, vLLM's names)."""
 
-import logging
+import json
 import os
 from dataclasses import dataclass
 
@@ -9,8 +9,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from pagedserve.engine_args import EngineArgs
 from pagedserve.model_executor import gguf_loader
-
-logger = logging.getLogger("pagedserve")
+from pagedserve.model_files import resolve_model
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -31,6 +30,9 @@ class EngineConfig:
     num_kv_blocks: int | None
     enable_prefix_caching: bool
     seed: int
+    # Default sampling settings from the checkpoint's generation_config.json, by SamplingParams name.
+    generation_defaults: dict[str, float | int]
+    structured_outputs_backend: str  # "xgrammar", "guidance" or "auto"
 
 
 def cpu_supports_bf16() -> bool:
@@ -54,33 +56,17 @@ def resolve_dtype(dtype: str | torch.dtype, hf_config: PretrainedConfig, device:
     checkpoint_dtype = getattr(hf_config, "dtype", None) or torch.float32
     if isinstance(checkpoint_dtype, str):
         checkpoint_dtype = _DTYPES.get(checkpoint_dtype, torch.float32)
-    if device.type == "cpu" and checkpoint_dtype in (torch.bfloat16, torch.float16):
-        # CPU matmuls are fast in bf16 only with AVX512-BF16/AMX; fp16 has no fast CPU path at all.
+    if device.type == "cpu":
+        # As vLLM: bf16 wherever the CPU computes it fast (AVX512-BF16/AMX), whatever the checkpoint's dtype
+        # (a float32 checkpoint too); fp16 has no fast CPU path at all.
         return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+    if checkpoint_dtype == torch.float32:  # as vLLM on GPUs: half precision
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return checkpoint_dtype
 
 
-def resolve_model(args: EngineArgs) -> tuple[str, str | None]:
-    """The weights' location and, for GGUF, the file. Only local paths: nothing is downloaded."""
-    model = args.model or gguf_loader.default_model_path()
-    if args.gguf_file:
-        model = os.path.join(model, args.gguf_file)
-    if not os.path.exists(model):
-        raise ValueError(
-            f"model {model!r} is not a local path: give a Hugging Face checkpoint directory or a .gguf file "
-            "(pagedserve never downloads weights)"
-        )
-    if os.path.isfile(model):
-        if not gguf_loader.is_gguf_file(model):
-            raise ValueError(f"{model!r} is a file but not a GGUF checkpoint")
-        return model, model
-    if not os.path.exists(os.path.join(model, "config.json")):
-        raise ValueError(f"{model!r} has no config.json: not a Hugging Face checkpoint directory")
-    return model, None
-
-
 def create_engine_config(args: EngineArgs) -> EngineConfig:
-    model_path, gguf_path = resolve_model(args)
+    model_path, gguf_path = resolve_model(args.model, args.gguf_file)
     if gguf_path:
         hf_config = gguf_loader.load_gguf_config(gguf_path)
     else:
@@ -123,4 +109,44 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         num_kv_blocks=num_kv_blocks,
         enable_prefix_caching=args.enable_prefix_caching,
         seed=args.seed,
+        generation_defaults=generation_defaults(args.generation_config, model_path, gguf_path),
+        structured_outputs_backend=structured_outputs_backend(args.structured_outputs_config),
     )
+
+
+STRUCTURED_OUTPUTS_BACKENDS = ("xgrammar", "guidance", "auto")
+
+
+def structured_outputs_backend(config: dict | None) -> str:
+    config = dict(config or {})
+    backend = config.pop("backend", "auto")
+    if config:
+        raise ValueError(f"structured_outputs_config has unknown keys {sorted(config)}; it takes only 'backend'")
+    if backend not in STRUCTURED_OUTPUTS_BACKENDS:
+        raise ValueError(f"structured_outputs_config backend must be one of {STRUCTURED_OUTPUTS_BACKENDS}, "
+                         f"got {backend!r}")
+    return backend
+
+
+# generation_config.json key -> SamplingParams field: what vLLM takes from it as request defaults.
+_GENERATION_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                      "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def generation_defaults(source: str, model_path: str, gguf_path: str | None) -> dict[str, float | int]:
+    """The checkpoint's recommended sampling settings (as vLLM's `--generation-config`): "auto" reads the model
+    directory's generation_config.json, "vllm" uses none, anything else is a directory holding one."""
+    if source == "vllm":
+        return {}
+    directory = source if source != "auto" else (None if gguf_path else model_path)
+    path = os.path.join(directory, "generation_config.json") if directory else None
+    if path is None or not os.path.isfile(path):
+        if source != "auto":
+            raise ValueError(f"generation_config {source!r} has no generation_config.json")
+        return {}
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    return {name: values[key] for key, name in _GENERATION_FIELDS.items() if values.get(key) is not None}

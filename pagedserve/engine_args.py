@@ -20,6 +20,8 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     seed: int = 0
     device: str = "auto"
+    generation_config: str = "auto"  # sampling defaults: "auto" (the model's generation_config.json), "vllm", a dir
+    structured_outputs_config: dict | None = None  # {"backend": "xgrammar" | "guidance" | "auto"}, as vLLM
 
     @classmethod
     def field_names(cls) -> set[str]:

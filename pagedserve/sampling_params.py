@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import enum
+import json as _json
 import logging
 import math
 import numbers
@@ -20,6 +22,9 @@ MAX_LOGPROBS = 20
 # torch.Generator.manual_seed accepts exactly this range.
 _SEED_MIN = -(2**63)
 _SEED_MAX = 2**64 - 1
+# Every other integer must fit an int64: it travels in tensors and msgpack messages.
+_INT64_MAX = 2**63 - 1
+_TOP_K_MAX = 2**31 - 1
 
 
 class RequestOutputKind(enum.IntEnum):
@@ -38,14 +43,26 @@ def _is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _as_int(name: str, value: object) -> int:
+def _as_int(name: str, value: object, high: int = _INT64_MAX) -> int:
     if not _is_int(value):
         raise ValueError(f"{name} must be an integer, got {value!r}")
-    return int(value)  # type: ignore[call-overload]
+    number = int(value)  # type: ignore[call-overload]
+    if number > high:
+        raise ValueError(f"{name} must be at most {high}, got {number}")
+    return number
 
 
 def _as_optional_int(name: str, value: object) -> int | None:
     return None if value is None else _as_int(name, value)
+
+
+def check_text(name: str, text: str) -> str:
+    """Text must be valid Unicode: a lone surrogate (JSON allows "\\ud800") cannot be encoded or tokenized."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{name} is not valid Unicode (it contains a lone surrogate)") from None
+    return text
 
 
 def _as_float(name: str, value: object) -> float:
@@ -66,9 +83,83 @@ def _as_bool(name: str, value: object) -> bool:
 
 
 def _as_token_id(name: str, value: object) -> int:
-    if not _is_int(value) or value < 0:  # type: ignore[operator]
-        raise ValueError(f"{name} must contain non-negative integer token ids, got {value!r}")
+    """A non-negative int64; the engine checks it against the vocabulary (`validate_request`)."""
+    if not _is_int(value) or not 0 <= value <= _INT64_MAX:  # type: ignore[operator]
+        raise ValueError(f"{name} must contain token ids (non-negative integers), got {value!r}")
     return int(value)  # type: ignore[call-overload]
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrained decoding, with vLLM's names: exactly one of `json` (a JSON schema, as a dict or its text),
+    `regex`, `choice`, `grammar` (EBNF or Lark), `json_object` (any JSON object) or `structural_tag` (JSON
+    text: free text until a trigger, then the tagged structures); plus options for the JSON ones.
+
+    Only the form is checked here; whether the engine's grammar backend can compile it is checked when the
+    request is added (a ValueError naming what is wrong).
+    """
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in _CONSTRAINTS if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(
+                f"structured_outputs needs exactly one of {', '.join(_CONSTRAINTS)}; got "
+                f"{', '.join(given) if given else 'none'}"
+            )
+        if self.json is not None:
+            if isinstance(self.json, str):
+                try:
+                    parsed = _json.loads(check_text("structured_outputs.json", self.json))
+                except ValueError as e:
+                    raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
+            else:
+                parsed = self.json
+            if not isinstance(parsed, (dict, bool)):
+                raise ValueError(f"structured_outputs.json must be a JSON schema (an object), got {parsed!r}")
+        for name in ("regex", "grammar", "structural_tag", "whitespace_pattern"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string, got {value!r}")
+            if value is not None:
+                check_text(f"structured_outputs.{name}", value)
+        if self.choice is not None:
+            if not isinstance(self.choice, list) or not self.choice or not all(
+                    isinstance(c, str) for c in self.choice):
+                raise ValueError(f"structured_outputs.choice must be a non-empty list of strings, got {self.choice!r}")
+            for c in self.choice:
+                check_text("structured_outputs.choice", c)
+        for name in ("disable_any_whitespace", "disable_additional_properties"):
+            _as_bool(f"structured_outputs.{name}", getattr(self, name))
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> StructuredOutputsParams:
+        """From a request's JSON object; ValueError (not TypeError) for an unknown field."""
+        try:
+            return cls(**fields)
+        except TypeError as e:
+            raise ValueError(f"structured_outputs: {e}") from None
+
+    @property
+    def kind(self) -> str:
+        """Which constraint this is: "json", "regex", "choice", "grammar", "json_object" or "structural_tag"."""
+        return next(name for name in _CONSTRAINTS if getattr(self, name) not in (None, False))
+
+    def key(self) -> str:
+        """A canonical text of the constraint and its options: equal keys compile to the same grammar."""
+        return _json.dumps(dataclasses.asdict(self), sort_keys=True, ensure_ascii=False)
+
+
+_CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 
 
 @dataclass
@@ -100,6 +191,7 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
@@ -132,7 +224,7 @@ class SamplingParams:
         self.top_p = _as_float("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        self.top_k = _as_int("top_k", self.top_k)
+        self.top_k = _as_int("top_k", self.top_k, _TOP_K_MAX)
         if self.top_k < -1:
             raise ValueError(f"top_k must be -1 or 0 (disabled) or at least 1, got {self.top_k}")
         if self.top_k == -1:
@@ -141,7 +233,7 @@ class SamplingParams:
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
 
-        self.seed = _as_optional_int("seed", self.seed)
+        self.seed = None if self.seed is None else _as_int("seed", self.seed, _SEED_MAX)
         if self.seed == -1:
             self.seed = None
         if self.seed is not None and not _SEED_MIN <= self.seed <= _SEED_MAX:
@@ -179,6 +271,10 @@ class SamplingParams:
         self.logprobs = self._normalise_logprobs("logprobs", self.logprobs)
         self.prompt_logprobs = self._normalise_logprobs("prompt_logprobs", self.prompt_logprobs)
         self.logit_bias = self._normalise_logit_bias(self.logit_bias)
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
+        elif self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError(f"structured_outputs must be StructuredOutputsParams, got {self.structured_outputs!r}")
         self.output_kind = RequestOutputKind(self.output_kind)
 
         if self.temperature < SAMPLING_EPS:
@@ -198,7 +294,7 @@ class SamplingParams:
             raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
         if any(not s for s in stops):
             raise ValueError("stop cannot contain an empty string")
-        return list(stops)
+        return [check_text("stop", s) for s in stops]
 
     @staticmethod
     def _normalise_logprobs(name: str, value: object) -> int | None:

@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from pagedserve.sampling_params import RequestOutputKind, SamplingParams, SamplingType
+from pagedserve.sampling_params import RequestOutputKind, SamplingParams, SamplingType, StructuredOutputsParams
 
 # vLLM's documented SamplingParams defaults (the fields this engine supports).
 VLLM_DEFAULTS = {
@@ -26,6 +26,7 @@ VLLM_DEFAULTS = {
     "spaces_between_special_tokens": True,
     "include_stop_str_in_output": False,
     "logit_bias": None,
+    "structured_outputs": None,
     "output_kind": RequestOutputKind.CUMULATIVE,
 }
 
@@ -169,3 +170,38 @@ def test_clone_is_deep() -> None:
     assert params.stop == ["x"]
     assert params.stop_token_ids == [1]
     assert params.logit_bias == {1: 1.0}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"top_k": 2**31}, "top_k"),
+        ({"max_tokens": 2**63}, "max_tokens"),
+        ({"min_tokens": 2**64}, "min_tokens"),
+        ({"n": 2**64}, "n"),
+        ({"seed": 2**64}, "seed"),
+        ({"stop_token_ids": [2**63]}, "stop_token_ids"),
+        ({"logit_bias": {2**63: 1.0}}, "logit_bias"),
+        ({"logit_bias": {str(2**64): 1.0}}, "logit_bias"),
+        ({"stop": ["a\ud800"]}, "stop"),
+    ],
+)
+def test_integers_fit_int64_and_text_is_valid_unicode(kwargs, field) -> None:
+    """Whatever passes here fits the tensors and msgpack messages it travels in (2**64 - 1 for seeds)."""
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+    assert SamplingParams(seed=2**64 - 1, top_k=2**31 - 1).seed == 2**64 - 1
+
+
+def test_structured_outputs_params() -> None:
+    params = SamplingParams(structured_outputs={"json": {"type": "object"}, "disable_any_whitespace": True})
+    assert isinstance(params.structured_outputs, StructuredOutputsParams)
+    assert params.structured_outputs.kind == "json" and params.structured_outputs.disable_any_whitespace
+    same = StructuredOutputsParams(json={"type": "object"}, disable_any_whitespace=True)
+    assert same.key() == params.structured_outputs.key() != StructuredOutputsParams(json={"type": "array"}).key()
+    for bad, message in [({}, "exactly one"), ({"regex": "a", "choice": ["a"]}, "exactly one"),
+                         ({"json": "{not json"}, "not valid JSON"), ({"json": "[1]"}, "JSON schema"),
+                         ({"choice": []}, "choice"), ({"regex": ""}, "regex"), ({"regexp": "a"}, "regexp"),
+                         ({"json_object": True, "disable_any_whitespace": "yes"}, "disable_any_whitespace")]:
+        with pytest.raises(ValueError, match=message):
+            SamplingParams(structured_outputs=bad)

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import random
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -33,6 +32,7 @@ from dataclasses import dataclass, field
 
 import httpx
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
 DEFAULT_CONCURRENCY = (1, 4, 16, 64, 256)
@@ -183,17 +183,12 @@ async def served_model(client: httpx.AsyncClient, base_url: str) -> str:
     return models[0]["id"]
 
 
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})?\s+(\S+)")
-
-
 def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text -> {metric name: value summed over its label sets}."""
+    """Prometheus text -> {sample name: value summed over its label sets}."""
     totals: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("#") or not (match := _SAMPLE.match(line)):
-            continue
-        name, _, value = match.groups()
-        totals[name] = totals.get(name, 0.0) + float(value)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
     return totals
 
 
@@ -210,7 +205,8 @@ async def fetch_metrics(client: httpx.AsyncClient, base_url: str) -> dict[str, f
 
 def load_tokenizer(path: str | None):
     """A tokenizer from an HF directory or a .gguf file; None means the default model's (SmolLM2 GGUF)."""
-    from pagedserve.model_executor.gguf_loader import default_model_path, is_gguf_file, load_gguf_tokenizer
+    from pagedserve.model_executor.gguf_loader import load_gguf_tokenizer
+    from pagedserve.model_files import default_model_path, is_gguf_file
 
     path = path or default_model_path()
     if is_gguf_file(path):

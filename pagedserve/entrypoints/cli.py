@@ -1,13 +1,20 @@
 """`pagedserve generate [MODEL]`, `pagedserve serve [MODEL]`, `pagedserve bench serve`."""
 
 import argparse
+import asyncio
 import dataclasses
+import json
+import logging
 import os
+import signal
+import socket
 import sys
 import types
 import typing
 
 from pagedserve.engine_args import EngineArgs
+
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")  # tool_parsers.TOOL_PARSERS, light to import
 
 _HELP = {
     "model": "HF checkpoint directory or .gguf file (default: the bundled SmolLM2-135M-Instruct GGUF)",
@@ -24,6 +31,9 @@ _HELP = {
     "enable_prefix_caching": "reuse the KV of cached prompt prefixes",
     "seed": "global random seed (per-request seeds come with each request)",
     "device": "cpu, cuda or auto",
+    "structured_outputs_config": 'JSON, e.g. \'{"backend": "xgrammar"}\' (xgrammar, guidance or auto)',
+    "generation_config": "default sampling settings of requests: 'auto' (the model's generation_config.json), "
+                         "'vllm' (none), or a directory holding a generation_config.json",
 }
 
 
@@ -38,8 +48,20 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=_HELP.get(f.name))
+        elif kind is dict:
+            parser.add_argument(flag, type=_json_object, default=f.default, help=_HELP.get(f.name))
         else:
             parser.add_argument(flag, type=kind, default=f.default, help=_HELP.get(f.name))
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
@@ -47,7 +69,8 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
 
 
 def _generate(ns: argparse.Namespace) -> None:
-    from pagedserve import LLM, SamplingParams
+    from pagedserve.frontend.llm import LLM
+    from pagedserve.sampling_params import SamplingParams
 
     llm = LLM(**dataclasses.asdict(engine_args_from(ns)))
     params = SamplingParams(max_tokens=ns.max_tokens, temperature=ns.temperature, top_p=ns.top_p, seed=ns.sampling_seed)
@@ -72,30 +95,61 @@ def _served_model_name(ns: argparse.Namespace) -> str:
         return ns.served_model_name
     if ns.model:
         return ns.model
-    from pagedserve.model_executor.gguf_loader import default_model_path
+    from pagedserve.model_files import default_model_path
 
     return os.path.basename(default_model_path()).split(".")[0]
 
 
-def _serve(ns: argparse.Namespace) -> None:
-    from pagedserve.frontend.engine_process import start_engine_process
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads: a port in use fails at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    return sock
+
+
+def _stop_starting(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # a SIGTERM while the model loads: stop cleanly (the engine process too)
+
+
+def _serve(ns: argparse.Namespace) -> int:
+    from pagedserve.engine.process import start_engine_process
+    from pagedserve.model_files import resolve_model
 
     engine_args = engine_args_from(ns)
-    # the engine process first: its imports and model load overlap the front end's imports below
-    engine_process = start_engine_process(engine_args) if ns.engine_placement == "process" else None
+    resolve_model(engine_args.model, engine_args.gguf_file)  # a bad path: one line, before anything starts
+    sock = bind_socket(ns.host, ns.port)
+    signal.signal(signal.SIGTERM, _stop_starting)
+    engine_process = None
     try:
-        from pagedserve.entrypoints.openai.api_server import run_server
+        # the engine process first: its imports and model load overlap the front end's imports below
+        if ns.engine_placement == "process":
+            engine_process = start_engine_process(engine_args, logging.getLogger("pagedserve").level)
+        from pagedserve.entrypoints.openai.api_server import serve
+        from pagedserve.entrypoints.openai.serving import ServingOptions
         from pagedserve.frontend.async_llm import AsyncLLM
 
-        model_name = _served_model_name(ns)
-        engine = AsyncLLM(engine_args, ns.engine_placement, model_name, ns.log_interval, ns.max_waiting_requests,
-                          engine_process)
-    except BaseException:
+        options = ServingOptions(
+            model_name=_served_model_name(ns), chat_template=_read_chat_template(ns.chat_template),
+            trust_request_chat_template=ns.trust_request_chat_template,
+            enable_prompt_tokens_details=ns.enable_prompt_tokens_details,
+            enable_auto_tool_choice=ns.enable_auto_tool_choice, tool_call_parser=ns.tool_call_parser,
+        )
+        engine = AsyncLLM(engine_args, ns.engine_placement, options.model_name, ns.log_interval,
+                          ns.max_waiting_requests, engine_process, ns.max_engine_restarts)
+        return asyncio.run(serve(engine, options, sock, ns.api_key, ns.shutdown_timeout, ns.max_request_body_bytes,
+                                 ns.log_level))
+    except KeyboardInterrupt:
+        return 0
+    finally:
         if engine_process is not None:
             engine_process.stop()
-        raise
-    run_server(engine, model_name, ns.host, ns.port, ns.api_key, _read_chat_template(ns.chat_template),
-               ns.shutdown_timeout)
+        sock.close()
 
 
 def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -117,7 +171,26 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds in-flight requests get to finish after SIGTERM before they are aborted")
     serve.add_argument("--log-interval", type=float, default=5.0, help="seconds between throughput log lines")
+    serve.add_argument("--max-request-body-bytes", type=int, default=4 << 20,
+                       help="larger request bodies are refused at once with 413 (default 4 MiB)")
+    serve.add_argument("--trust-request-chat-template", action="store_true",
+                       help="accept a chat_template in requests (Jinja the server runs; refused by default)")
+    serve.add_argument("--enable-prompt-tokens-details", action="store_true",
+                       help="report usage.prompt_tokens_details.cached_tokens (tells a client whether a prompt "
+                            "prefix was cached, by anyone: use cache_salt per tenant)")
+    serve.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help='serve tool_choice "auto": the model may call tools, parsed by --tool-call-parser')
+    serve.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None,
+                       help="the model family's tool-call format")
+    serve.add_argument("--max-engine-restarts", type=int, default=3,
+                       help="restarts of a dead engine allowed within ten minutes before the server exits with 1")
     add_engine_args(serve)
+    _add_log_level(serve)
+
+
+def _add_log_level(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
+                        help="pagedserve's log level; start-up errors show their traceback at debug")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -137,17 +210,25 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--sampling-seed", type=int, default=None)
     add_engine_args(gen)
+    _add_log_level(gen)
     ns = parser.parse_args(argv)
+    log_level = getattr(ns, "log_level", "info")
+    logging.getLogger("pagedserve").setLevel(log_level.upper())
     try:
         if ns.command == "generate":
             _generate(ns)
         elif ns.command == "serve":
-            _serve(ns)
+            sys.exit(_serve(ns))
         elif ns.command == "bench":
             bench_serve.main(ns)
-    except ValueError as e:
+    except ValueError as e:  # bad input: a bad flag value, a model path that is not there, a port in use
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:  # anything else that stops start-up: one line, the traceback at --log-level debug
+        if log_level == "debug":
+            raise
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,30 @@
-"""AsyncLLM: the engine behind the server. The engine loop runs in the background (a thread or its own
-process, see core_client.py); `generate` is an async iterator of RequestOutputs for one request."""
+"""AsyncLLM: the engine behind the server. The engine loop runs in the background (its own process by
+default, or a thread; see core_client.py); a request's outputs come back as an async iterator.
+
+If the engine dies, every open request fails at once with a clear error, `errored` says why (the server's
+/health answers 503), and the engine is started again after a back-off. If it keeps dying (more than
+`max_engine_restarts` deaths in ten minutes) AsyncLLM gives up and calls `on_fatal`, so that the server
+exits non-zero and a supervisor can act.
+"""
 
 import asyncio
 import itertools
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 
 from pagedserve.config import EngineArgs, EngineConfig, create_engine_config
-from pagedserve.frontend.core_client import (
+from pagedserve.engine.process import EngineProcess, start_engine_process
+from pagedserve.engine.protocol import (
     AbortRequests,
     AbortSamples,
     AddRequest,
     EngineCoreOutputs,
-    ProcessCoreClient,
-    ThreadCoreClient,
+    EngineStats,
     UtilityCall,
 )
-from pagedserve.frontend.engine_process import EngineProcess, start_engine_process
+from pagedserve.frontend.core_client import ProcessCoreClient, ThreadCoreClient
 from pagedserve.frontend.input_processor import InputProcessor, PromptType
 from pagedserve.frontend.metrics import LoggingStatLogger, PrometheusMetrics
 from pagedserve.frontend.output_processor import OutputProcessor, RequestState
@@ -26,56 +34,106 @@ from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger("pagedserve")
 
-PLACEMENTS = ("thread", "process")
+PLACEMENTS = ("process", "thread")
+RESTART_WINDOW_S = 600.0
+STARTUP_TIMEOUT_S = 1800.0  # loading a large checkpoint from a slow disk can take minutes
+CALL_TIMEOUT_S = 30.0  # a utility call waits for the step in progress, never for a dead engine
+
+
+class QueueFullError(RuntimeError):
+    """The bounded waiting queue is full (the server answers 503)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine is not running (it died, or is being restarted); the server answers 503."""
 
 
 class AsyncLLM:
     def __init__(
         self,
         engine_args: EngineArgs,
-        engine_placement: str = "thread",
+        engine_placement: str = "process",
         model_name: str = "model",
         log_interval: float = 5.0,
         max_waiting_requests: int | None = None,
         engine_process: EngineProcess | None = None,
+        max_engine_restarts: int = 3,
+        on_fatal: Callable[[str], None] | None = None,
     ) -> None:
         """`engine_process`: one already started with these engine_args (placement "process"), so that its
         start-up overlapped the caller's; by default it is started here."""
         if engine_placement not in PLACEMENTS:
             raise ValueError(f"engine_placement must be one of {PLACEMENTS}, got {engine_placement!r}")
+        self.engine_args = engine_args
+        self.placement = engine_placement
         self.config: EngineConfig = create_engine_config(engine_args)
         self.tokenizer = load_tokenizer(self.config)
-        self.input_processor = InputProcessor(self.config, self.tokenizer)
+        self.input_processor = InputProcessor(self.tokenizer)
         self.processor = OutputProcessor(self.tokenizer)
         self.metrics = PrometheusMetrics(model_name)
         self.stat_logger = LoggingStatLogger(log_interval)
         self.max_waiting_requests = max_waiting_requests
-        if engine_placement == "thread":
-            self.client = ThreadCoreClient(self.config)
-        else:
-            self.client = ProcessCoreClient(engine_process or start_engine_process(engine_args))
+        self.max_engine_restarts = max_engine_restarts
+        self.on_fatal = on_fatal
+        self._first_process = engine_process if engine_placement == "process" else None
+        self.client: ProcessCoreClient | ThreadCoreClient | None = None
         self.streams: dict[str, asyncio.Queue[RequestOutput | Exception]] = {}
         self.pending_calls: dict[int, asyncio.Future] = {}
         self.call_ids = itertools.count()
-        self.stats: dict[str, float] = {"num_requests_running": 0, "num_requests_waiting": 0, "kv_cache_usage": 0.0}
-        self.started = False
-        self.errored: str | None = None
+        self.stats = EngineStats()
+        self.errored: str | None = "the engine is starting"
+        self.deaths: deque[float] = deque()
+        self._start_lock: asyncio.Lock | None = None
+        self._restart_task: asyncio.Task | None = None
+        self._started = False  # the first start; later ones are restarts after a death
+        self._closed = False
+
+    # ---- life cycle ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start delivering engine outputs on the running event loop (and wait for a core process)."""
-        if self.started:
+        """Start the engine (once) and deliver its outputs on the running event loop. RuntimeError if it
+        cannot start."""
+        if self._started:
             return
-        if isinstance(self.client, ProcessCoreClient):
-            await self.client.wait_ready()
-        self.client.start(asyncio.get_running_loop(), self._on_core_outputs, self._on_engine_dead)
-        self.started = True
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if not self._started:
+                await self._start_engine()
+                self._started = True
 
-    def shutdown(self) -> None:
-        self.client.shutdown()
+    async def _start_engine(self) -> None:
+        if self.placement == "process":
+            process, self._first_process = self._first_process, None
+            client: ProcessCoreClient | ThreadCoreClient = ProcessCoreClient(
+                process or start_engine_process(self.engine_args)
+            )
+        else:
+            client = await asyncio.to_thread(ThreadCoreClient, self.config)
+        try:
+            self.input_processor.limits = await client.wait_ready(STARTUP_TIMEOUT_S)
+        except BaseException:
+            await client.shutdown()
+            raise
+        client.start(asyncio.get_running_loop(), self._on_core_outputs, self._on_engine_dead)
+        self.client = client
+        self.errored = None
+
+    async def shutdown(self) -> None:
+        self._closed = True
+        if self._restart_task is not None:
+            self._restart_task.cancel()
+        self._fail_all("the server is shutting down")
+        if self.client is not None:
+            await self.client.shutdown()
+        elif self._first_process is not None:
+            self._first_process.stop()
 
     @property
     def num_unfinished_requests(self) -> int:
         return len(self.processor.requests)
+
+    # ---- requests -----------------------------------------------------------------------------------
 
     async def generate(
         self,
@@ -90,28 +148,20 @@ class AsyncLLM:
         request in the engine and frees its blocks.
         """
         await self.start()
-        state = self.add_request(prompt, sampling_params, request_id, cache_salt)
-        stream = self.streams[request_id]
-        finished = False
-        try:
-            while not finished:
-                item = await stream.get()
-                if isinstance(item, Exception):
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            self.streams.pop(request_id, None)
-            if not finished:
-                self.abort(state.request_id)
+        async for output in self.add_request(prompt, sampling_params, request_id, cache_salt):
+            yield output
 
     def add_request(
         self, prompt: PromptType, params: SamplingParams, request_id: str, cache_salt: str | None = None
-    ) -> RequestState:
-        """Validate, tokenize and hand the request to the engine; ValueError for bad input, RuntimeError when
-        the waiting queue is full or the engine has died."""
+    ) -> AsyncIterator[RequestOutput]:
+        """Admit a request now (validate, tokenize, hand it to the engine) and return its output stream.
+
+        Raises at once, before any output: ValueError for bad input, QueueFullError when the waiting queue is
+        full, EngineDeadError when the engine is not running. A stream that is never iterated must be
+        aborted by the caller (`abort`).
+        """
         if self.errored:
-            raise RuntimeError(f"the engine is not running: {self.errored}")
+            raise EngineDeadError(f"the engine is not running: {self.errored}")
         if self.max_waiting_requests is not None:
             num_waiting = self.num_unfinished_requests - self.config.max_num_seqs
             if num_waiting >= self.max_waiting_requests:
@@ -121,33 +171,81 @@ class AsyncLLM:
                 )
         prompt_text, prompt_token_ids = self.input_processor(prompt, params)
         state = self.processor.add_request(request_id, prompt_text, prompt_token_ids, params)
-        self.streams[request_id] = asyncio.Queue()
-        self.client.send(AddRequest(request_id, prompt_token_ids, params, cache_salt))
-        return state
+        stream: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
+        self.streams[request_id] = stream
+        try:
+            assert self.client is not None
+            self.client.send(AddRequest(request_id, prompt_token_ids, params, cache_salt))
+        except BaseException:  # nothing of it may stay behind (a waiting slot, a stream)
+            self.processor.abort_request(request_id)
+            self.streams.pop(request_id, None)
+            raise
+        return self._stream(state, stream)
+
+    async def _stream(
+        self, state: RequestState, stream: asyncio.Queue[RequestOutput | Exception]
+    ) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while not finished:
+                item = await stream.get()
+                if isinstance(item, Exception):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self.streams.pop(state.request_id, None)
+            if not finished:
+                self.abort(state.request_id)
+
+    def end_requests(self, message: str) -> None:
+        """End every open request now (the server is stopping): aborted in the engine, its stream failed with
+        EngineDeadError(message)."""
+        for request_id, stream in list(self.streams.items()):
+            stream.put_nowait(EngineDeadError(message))
+            self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
         """Stop a request now; the engine frees its KV blocks at its next step."""
-        if self.processor.abort_request(request_id) is not None:
+        self.streams.pop(request_id, None)
+        if self.processor.abort_request(request_id) is not None and self.client is not None and not self.errored:
             self.client.send(AbortRequests([request_id]))
 
+    # ---- engine calls -------------------------------------------------------------------------------
+
     async def reset_prefix_cache(self) -> bool:
-        return await self._call("reset_prefix_cache")
+        result = await self._call("reset_prefix_cache")
+        assert isinstance(result, bool)
+        return result
 
-    async def engine_stats(self) -> dict:
-        return await self._call("stats")
+    async def engine_stats(self) -> EngineStats:
+        result = await self._call("stats")
+        assert isinstance(result, EngineStats)
+        return result
 
-    async def _call(self, method: str):
+    async def _call(self, method: str) -> bool | EngineStats | None:
+        """Call an engine method between two steps; EngineDeadError if the engine is not running, or stops
+        answering for CALL_TIMEOUT_S seconds."""
         await self.start()
+        if self.errored or self.client is None:
+            raise EngineDeadError(f"the engine is not running: {self.errored}")
         call_id = next(self.call_ids)
         future = asyncio.get_running_loop().create_future()
         self.pending_calls[call_id] = future
         self.client.send(UtilityCall(call_id, method))
-        return await future
+        try:
+            return await asyncio.wait_for(future, CALL_TIMEOUT_S)
+        except TimeoutError:
+            raise EngineDeadError(f"the engine did not answer {method} within {CALL_TIMEOUT_S:.0f} s") from None
+        finally:
+            self.pending_calls.pop(call_id, None)
+
+    # ---- engine outputs and death -------------------------------------------------------------------
 
     def _on_core_outputs(self, core_outputs: EngineCoreOutputs) -> None:
         """Runs on the event loop for every engine step: detokenize, stream deltas, record metrics."""
         processed = self.processor.process(core_outputs.outputs)
-        if processed.to_abort:  # a stop string ended these samples here
+        if processed.to_abort and self.client is not None:  # a stop string ended these samples here
             self.client.send(AbortSamples(processed.to_abort))
         for state in processed.updated:
             stream = self.streams.get(state.request_id)
@@ -158,10 +256,13 @@ class AsyncLLM:
             self.metrics.record_finished(state)
         for request_id, message in processed.errors:
             logger.error("request %s failed: %s", request_id, message)
-        for call_id, result in core_outputs.utility_results:
-            future = self.pending_calls.pop(call_id, None)
+        for result in core_outputs.utility_results:
+            future = self.pending_calls.get(result.call_id)
             if future is not None and not future.done():
-                future.set_result(result)
+                if result.error is not None:
+                    future.set_exception(RuntimeError(result.error))
+                else:
+                    future.set_result(result.result)
         self.stats = core_outputs.stats
         self.metrics.record_stats(core_outputs.stats)
         num_generation_tokens = sum(len(o.new_token_ids) for o in core_outputs.outputs)
@@ -169,16 +270,54 @@ class AsyncLLM:
         self.stat_logger.record(core_outputs.stats, processed.num_prompt_tokens_computed, num_generation_tokens)
 
     def _on_engine_dead(self, message: str) -> None:
-        """The engine loop is gone: every open request fails now instead of hanging."""
-        self.errored = message
+        """The engine loop is gone: every open request fails now, then the engine is started again."""
+        if self._closed:
+            return
         logger.error("the engine died: %s", message)
-        for request_id, stream in self.streams.items():
+        self.errored = message
+        self._fail_all(f"the engine died: {message}; the request was not completed")
+        self.metrics.engine_restarted()
+        self.stats = EngineStats()
+        dead_client, self.client = self.client, None
+        self._restart_task = asyncio.get_running_loop().create_task(self._restart(dead_client))
+
+    def _fail_all(self, message: str) -> None:
+        for request_id, stream in list(self.streams.items()):
             self.processor.abort_request(request_id)
-            stream.put_nowait(RuntimeError(f"the engine died: {message}"))
+            stream.put_nowait(EngineDeadError(message))
+        self.streams.clear()
+        self.processor.requests.clear()
         for future in self.pending_calls.values():
             if not future.done():
-                future.set_exception(RuntimeError(f"the engine died: {message}"))
+                future.set_exception(EngineDeadError(message))
         self.pending_calls.clear()
+
+    async def _restart(self, dead_client: ProcessCoreClient | ThreadCoreClient | None) -> None:
+        if dead_client is not None:
+            await dead_client.shutdown()
+        while not self._closed:
+            now = time.monotonic()
+            self.deaths.append(now)
+            while self.deaths and now - self.deaths[0] > RESTART_WINDOW_S:
+                self.deaths.popleft()
+            if len(self.deaths) > self.max_engine_restarts:
+                message = (f"the engine died {len(self.deaths)} times in {RESTART_WINDOW_S / 60:.0f} minutes; "
+                           f"giving up (last: {self.errored})")
+                logger.error(message)
+                if self.on_fatal is not None:
+                    self.on_fatal(message)
+                return
+            delay = min(2.0 ** (len(self.deaths) - 1), 30.0)
+            logger.warning("restarting the engine in %.0f s (restart %d of at most %d in %.0f minutes)", delay,
+                           len(self.deaths), self.max_engine_restarts, RESTART_WINDOW_S / 60)
+            await asyncio.sleep(delay)
+            try:
+                await self._start_engine()
+                logger.info("the engine is running again")
+                return
+            except Exception as e:
+                self.errored = f"restart failed: {e}"
+                logger.error("the engine failed to restart: %s", e)
 
     @staticmethod
     def _output_for(state: RequestState) -> RequestOutput | None:
@@ -188,7 +327,3 @@ class AsyncLLM:
         if kind == RequestOutputKind.FINAL_ONLY:
             return state.output() if state.finished else None
         return state.output()
-
-
-class QueueFullError(RuntimeError):
-    """The bounded waiting queue is full (the server answers 503)."""

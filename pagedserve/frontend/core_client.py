@@ -1,8 +1,8 @@
-"""Where the engine core's busy loop runs, seen from the asyncio front end: a thread or its own process.
+"""The front end's handle on the engine loop: in a thread of this process, or in its own process.
 
-Either way the front end sends messages (add, abort, a utility call) and receives one
-`EngineCoreOutputs` per engine step, delivered to a callback on the asyncio loop.
-- `ThreadCoreClient`: the loop runs in a thread of this process; messages are Python objects on a queue.
+Either way the front end sends messages (add, abort, a utility call) and receives one `EngineCoreOutputs`
+per engine step, delivered to a callback on the asyncio loop; if the loop dies, a second callback says so.
+- `ThreadCoreClient`: the loop runs in a daemon thread; messages are Python objects on a queue.
 - `ProcessCoreClient`: the loop runs in a spawned process (as vLLM v1); messages are msgspec-encoded
   msgpack over ZeroMQ IPC sockets, so HTTP handling and detokenization never hold the model's GIL.
 """
@@ -12,106 +12,35 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from typing import Any
 
 import msgspec
 import zmq
 import zmq.asyncio
 
-from pagedserve.config import EngineConfig, create_engine_config
-from pagedserve.core.engine_core import EngineCore, EngineCoreOutput
-from pagedserve.engine_args import EngineArgs
-from pagedserve.frontend.engine_process import EngineProcess
-from pagedserve.sampling_params import SamplingParams
+from pagedserve.config import EngineConfig
+from pagedserve.engine.process import EngineProcess
+from pagedserve.engine.protocol import EngineCoreOutputs, EngineCoreRequest, EngineReady, ModelLimits, Shutdown
 
 logger = logging.getLogger("pagedserve")
-
-
-class AddRequest(msgspec.Struct, tag=True):
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    cache_salt: str | None = None
-
-
-class AbortRequests(msgspec.Struct, tag=True):
-    request_ids: list[str]
-
-
-class AbortSamples(msgspec.Struct, tag=True):
-    """Single samples of n > 1 requests, as (request id, index)."""
-
-    samples: list[tuple[str, int]]
-
-
-class UtilityCall(msgspec.Struct, tag=True):
-    """Call an EngineCore method by name (e.g. reset_prefix_cache); the result comes back with an output."""
-
-    call_id: int
-    method: str
-
-
-class Shutdown(msgspec.Struct, tag=True):
-    pass
-
-
-EngineCoreRequest = AddRequest | AbortRequests | AbortSamples | UtilityCall | Shutdown
-
-
-class EngineCoreOutputs(msgspec.Struct):
-    outputs: list[EngineCoreOutput]
-    stats: dict[str, float]
-    utility_results: list[tuple[int, Any]] = []
-
-
-class EngineReady(msgspec.Struct):
-    """First message from a core process: it has loaded the model (or failed to, with `error`)."""
-
-    error: str | None = None
-
-
-def run_engine_loop(
-    core: EngineCore, receive: Callable[[bool], list[EngineCoreRequest]], send: Callable[[EngineCoreOutputs], None]
-) -> None:
-    """The busy loop: take the messages that arrived, run one step if there is work, send what came out.
-
-    `receive(block)` blocks for the next message when the engine is idle, and only drains when busy.
-    """
-    while True:
-        messages = receive(not core.has_unfinished_requests())
-        outputs: list[EngineCoreOutput] = []
-        results: list[tuple[int, Any]] = []
-        for message in messages:
-            if isinstance(message, Shutdown):
-                return
-            if isinstance(message, AddRequest):
-                try:
-                    core.add_request(message.request_id, message.prompt_token_ids, message.params, message.cache_salt)
-                except ValueError as e:  # the front end validates first; this is the core's own last word
-                    outputs.append(EngineCoreOutput(message.request_id, [], finish_reason="error", error=str(e)))
-            elif isinstance(message, AbortRequests):
-                core.abort_requests(message.request_ids)
-            elif isinstance(message, AbortSamples):
-                core.abort_samples(message.samples)
-            elif isinstance(message, UtilityCall):
-                results.append((message.call_id, getattr(core, message.method)()))
-        if core.has_unfinished_requests():
-            outputs += core.step()
-        if outputs or results or messages:
-            send(EngineCoreOutputs(outputs, core.stats(), results))
-
 
 OutputHandler = Callable[[EngineCoreOutputs], None]
 DeathHandler = Callable[[str], None]
 
 
 class ThreadCoreClient:
-    """The engine loop in a daemon thread of this process."""
+    """The engine loop in a daemon thread of this process. Building it loads the model (call it off the
+    event loop)."""
 
     def __init__(self, config: EngineConfig) -> None:
+        from pagedserve.engine.engine_core import EngineCore  # the model stack, only for this placement
+
         self.core = EngineCore(config)
+        self.limits: ModelLimits = self.core.limits
         self.inputs: queue.SimpleQueue[EngineCoreRequest] = queue.SimpleQueue()
         self.thread: threading.Thread | None = None
+
+    async def wait_ready(self, timeout: float) -> ModelLimits:
+        return self.limits
 
     def start(self, loop: asyncio.AbstractEventLoop, on_outputs: OutputHandler, on_dead: DeathHandler) -> None:
         send = lambda outputs: loop.call_soon_threadsafe(on_outputs, outputs)
@@ -120,11 +49,13 @@ class ThreadCoreClient:
         self.thread.start()
 
     def _run(self, send: Callable[[EngineCoreOutputs], None], dead: Callable[[str], None]) -> None:
+        from pagedserve.engine.core_loop import run_engine_loop
+
         try:
             run_engine_loop(self.core, self._receive, send)
         except Exception as e:
             logger.exception("the engine loop died")
-            dead(f"{type(e).__name__}: {e}")
+            dead(f"the engine loop died: {type(e).__name__}: {e}")
 
     def _receive(self, block: bool) -> list[EngineCoreRequest]:
         messages = [self.inputs.get()] if block else []
@@ -135,41 +66,10 @@ class ThreadCoreClient:
     def send(self, message: EngineCoreRequest) -> None:
         self.inputs.put(message)
 
-    def shutdown(self) -> None:
+    async def shutdown(self) -> None:
         if self.thread is not None and self.thread.is_alive():
             self.send(Shutdown())
-            self.thread.join(timeout=10)
-
-
-def engine_process_main(engine_args: EngineArgs, input_path: str, output_path: str) -> None:
-    """Entry point of the core process: build the engine, say ready, then run the loop over ZeroMQ."""
-    context = zmq.Context()
-    inputs = context.socket(zmq.PULL)
-    inputs.connect(input_path)
-    outputs = context.socket(zmq.PUSH)
-    outputs.connect(output_path)
-    encoder = msgspec.msgpack.Encoder()
-    try:
-        core = EngineCore(create_engine_config(engine_args))
-    except Exception as e:
-        logger.exception("engine start-up failed")
-        outputs.send(encoder.encode(EngineReady(error=f"{type(e).__name__}: {e}")))
-        return
-    outputs.send(encoder.encode(EngineReady()))
-    decoder = msgspec.msgpack.Decoder(EngineCoreRequest)
-
-    def receive(block: bool) -> list[EngineCoreRequest]:
-        messages = [decoder.decode(inputs.recv())] if block else []
-        while inputs.poll(0):
-            messages.append(decoder.decode(inputs.recv()))
-        return messages
-
-    try:
-        run_engine_loop(core, receive, lambda out: outputs.send(encoder.encode(out)))
-    finally:
-        inputs.close(linger=0)
-        outputs.close(linger=1000)
-        context.term()
+            await asyncio.to_thread(self.thread.join, 10)
 
 
 class ProcessCoreClient:
@@ -187,21 +87,27 @@ class ProcessCoreClient:
         self.decoder = msgspec.msgpack.Decoder(EngineCoreOutputs)
         self.output_task: asyncio.Task | None = None
 
-    async def wait_ready(self) -> None:
-        while not await self.outputs.poll(1000):
+    async def wait_ready(self, timeout: float) -> ModelLimits:
+        """Wait for the engine to load its model; RuntimeError if it fails, exits or takes over `timeout` s."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not await self.outputs.poll(200):
             if not self.process.is_alive():
                 raise RuntimeError(f"the engine process exited with code {self.process.exitcode} while starting")
+            if loop.time() > deadline:
+                raise RuntimeError(f"the engine process was not ready after {timeout:.0f} s")
         ready = msgspec.msgpack.decode(await self.outputs.recv(), type=EngineReady)
-        if ready.error:
-            raise RuntimeError(f"the engine process failed to start: {ready.error}")
+        if ready.error or ready.limits is None:
+            raise RuntimeError(f"the engine failed to start: {ready.error}")
+        return ready.limits
 
     def start(self, loop: asyncio.AbstractEventLoop, on_outputs: OutputHandler, on_dead: DeathHandler) -> None:
         self.output_task = loop.create_task(self._pump(on_outputs, on_dead))
 
     async def _pump(self, on_outputs: OutputHandler, on_dead: DeathHandler) -> None:
-        """Deliver outputs as they arrive; notice within a second if the engine process dies."""
+        """Deliver outputs as they arrive; notice within half a second if the engine process dies."""
         while True:
-            if await self.outputs.poll(1000):
+            if await self.outputs.poll(500):
                 on_outputs(self.decoder.decode(await self.outputs.recv()))
             elif not self.process.is_alive():
                 on_dead(f"the engine process exited with code {self.process.exitcode}")
@@ -210,14 +116,15 @@ class ProcessCoreClient:
     def send(self, message: EngineCoreRequest) -> None:
         self.inputs.send(self.encoder.encode(message), copy=False)
 
-    def shutdown(self) -> None:
+    async def shutdown(self) -> None:
+        """Stop the pump first, then the process (asked, then killed), then the sockets: nothing is left
+        waiting on a closed socket."""
         if self.output_task is not None:
             self.output_task.cancel()
+            await asyncio.gather(self.output_task, return_exceptions=True)
         if self.process.is_alive():
             self.send(Shutdown())
-            self.process.join(timeout=10)
-            if self.process.is_alive():
-                self.process.kill()
+            await asyncio.to_thread(self.process.join, 10)
         self.inputs.close(linger=0)
         self.outputs.close(linger=0)
         self.context.term()

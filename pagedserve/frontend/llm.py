@@ -3,11 +3,13 @@
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any, cast
 
 from tqdm import tqdm
 
 from pagedserve.config import EngineArgs, create_engine_config
-from pagedserve.core.engine_core import EngineCore
+from pagedserve.engine.engine_core import EngineCore
+from pagedserve.engine.protocol import EngineStats
 from pagedserve.frontend.input_processor import InputProcessor, PromptType
 from pagedserve.frontend.output_processor import OutputProcessor, RequestState
 from pagedserve.frontend.tokenizer import load_tokenizer
@@ -25,15 +27,21 @@ class LLM:
         start = time.perf_counter()
         self.config = create_engine_config(EngineArgs(model=model, **kwargs))
         self.tokenizer = load_tokenizer(self.config)
-        self.input_processor = InputProcessor(self.config, self.tokenizer)
         self.engine = EngineCore(self.config)
+        self.input_processor = InputProcessor(self.tokenizer, self.engine.limits)
         self._next_id = 0
         logger.info("engine ready in %.1f s", time.perf_counter() - start)
 
     def get_tokenizer(self):
         return self.tokenizer
 
-    def stats(self) -> dict:
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the checkpoint's generation_config.json defaults (as vLLM); used when
+        `generate` gets none."""
+        return SamplingParams(**cast(dict[str, Any], self.config.generation_defaults))
+
+    def stats(self) -> EngineStats:
+        """KV blocks total/free, running/waiting requests, preemptions, prefix-cache queries/hits."""
         return self.engine.stats()
 
     def reset_prefix_cache(self) -> bool:
@@ -53,7 +61,7 @@ class LLM:
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         params = [sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams) else sampling_params
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
@@ -73,8 +81,8 @@ class LLM:
         prompts = []
         for conversation in conversations:
             text = self.tokenizer.apply_chat_template(
-                conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
-                tokenize=False,
+                cast(list[dict[str, str]], conversation), chat_template=chat_template,
+                add_generation_prompt=add_generation_prompt, tokenize=False,
             )
             prompts.append({"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)})
         return self.generate(prompts, sampling_params, use_tqdm)

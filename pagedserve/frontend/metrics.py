@@ -5,6 +5,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
+from pagedserve.engine.protocol import EngineStats
 from pagedserve.frontend.output_processor import RequestState
 
 logger = logging.getLogger("pagedserve")
@@ -49,19 +50,22 @@ class PrometheusMetrics:
                               _TPOT_BUCKETS)
         self.e2e = histogram("vllm:e2e_request_latency_seconds", "Arrival to last token", _E2E_BUCKETS)
         self.model_name = model_name
-        self._last_stats: dict[str, float] = {}
+        self._last_stats = EngineStats()
 
-    def record_stats(self, stats: dict[str, float]) -> None:
+    def record_stats(self, stats: EngineStats) -> None:
         """Engine-core stats after a step: gauges are set, cumulative counts advance by their delta."""
-        self.running.set(stats["num_requests_running"])
-        self.waiting.set(stats["num_requests_waiting"])
-        self.kv_usage.set(stats["kv_cache_usage"])
-        for counter, key in ((self.preemptions, "num_preemptions"), (self.prefix_queries, "prefix_cache_queries"),
-                             (self.prefix_hits, "prefix_cache_hits")):
-            delta = stats[key] - self._last_stats.get(key, 0)
-            if delta > 0:
-                counter.inc(delta)
+        self.running.set(stats.num_requests_running)
+        self.waiting.set(stats.num_requests_waiting)
+        self.kv_usage.set(stats.kv_cache_usage)
+        last = self._last_stats
+        self.preemptions.inc(max(0, stats.num_preemptions - last.num_preemptions))
+        self.prefix_queries.inc(max(0, stats.prefix_cache_queries - last.prefix_cache_queries))
+        self.prefix_hits.inc(max(0, stats.prefix_cache_hits - last.prefix_cache_hits))
         self._last_stats = stats
+
+    def engine_restarted(self) -> None:
+        """A new engine counts from zero, and until it runs nothing is running."""
+        self.record_stats(EngineStats())
 
     def record_new_tokens(self, num_tokens: int) -> None:
         self.generation_tokens.inc(num_tokens)
@@ -87,11 +91,10 @@ class LoggingStatLogger:
         self.last_time = time.monotonic()
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
-        self.stats: dict[str, float] = {}
-        self._last_queries = 0.0
-        self._last_hits = 0.0
+        self.stats = EngineStats()
+        self._logged_stats = EngineStats()  # the stats at the last line, for the interval's hit rate
 
-    def record(self, stats: dict[str, float], num_prompt_tokens: int, num_generation_tokens: int) -> None:
+    def record(self, stats: EngineStats, num_prompt_tokens: int, num_generation_tokens: int) -> None:
         self.stats = stats
         self.num_prompt_tokens += num_prompt_tokens
         self.num_generation_tokens += num_generation_tokens
@@ -101,19 +104,17 @@ class LoggingStatLogger:
 
     def log(self, now: float) -> None:
         elapsed = now - self.last_time
-        stats = self.stats
-        busy = self.num_prompt_tokens or self.num_generation_tokens or stats.get("num_requests_running")
-        if busy:
-            queries = stats["prefix_cache_queries"] - self._last_queries
-            hits = stats["prefix_cache_hits"] - self._last_hits
+        stats, last = self.stats, self._logged_stats
+        if self.num_prompt_tokens or self.num_generation_tokens or stats.num_requests_running:
+            queries = stats.prefix_cache_queries - last.prefix_cache_queries
+            hits = stats.prefix_cache_hits - last.prefix_cache_hits
             logger.info(
                 "Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, Running: %d reqs, "
                 "Waiting: %d reqs, KV cache usage: %.1f%%, Prefix cache hit rate: %.1f%%",
                 self.num_prompt_tokens / elapsed, self.num_generation_tokens / elapsed,
-                stats["num_requests_running"], stats["num_requests_waiting"], 100 * stats["kv_cache_usage"],
-                100 * hits / queries if queries else 0.0,
+                stats.num_requests_running, stats.num_requests_waiting, 100 * stats.kv_cache_usage,
+                100 * hits / queries if queries > 0 else 0.0,
             )
-        if stats:
-            self._last_queries, self._last_hits = stats["prefix_cache_queries"], stats["prefix_cache_hits"]
+        self._logged_stats = stats
         self.last_time = now
         self.num_prompt_tokens = self.num_generation_tokens = 0

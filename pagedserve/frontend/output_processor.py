@@ -6,10 +6,11 @@ Stop strings end a sample here, in the front end; the caller aborts it in the co
 
 import time
 from dataclasses import dataclass, field
+from typing import cast
 
 from transformers import PreTrainedTokenizerBase
 
-from pagedserve.core.engine_core import EngineCoreOutput
+from pagedserve.engine.protocol import EngineCoreOutput
 from pagedserve.frontend.tokenizer import IncrementalDetokenizer
 from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput, SampleLogprobs
 from pagedserve.sampling_params import SamplingParams
@@ -169,10 +170,11 @@ class OutputProcessor:
         if core_out.new_logprobs is not None and sample.logprobs is not None:
             for entry in core_out.new_logprobs:
                 sample.logprobs.append({
-                    token_id: Logprob(lp, rank, self.tokenizer.decode([token_id]))
+                    token_id: Logprob(lp, rank, cast(str, self.tokenizer.decode([token_id])))
                     for token_id, (lp, rank) in entry.items()
                 })
-            sample.cumulative_logprob += sum(entry[t][0] for entry, t in zip(core_out.new_logprobs, new_token_ids))
+            sampled = sum(entry[t][0] for entry, t in zip(core_out.new_logprobs, new_token_ids))
+            sample.cumulative_logprob = (sample.cumulative_logprob or 0.0) + sampled
         text_token_ids = new_token_ids
         if core_out.finish_reason == "stop" and not state.params.include_stop_str_in_output:
             text_token_ids = new_token_ids[:-1]  # EOS / a stop token id is not part of the text (as vLLM)

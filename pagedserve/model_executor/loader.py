@@ -4,16 +4,18 @@ import json
 import os
 import re
 from collections.abc import Iterator
+from typing import cast
 
 import torch
 from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
+from transformers import PretrainedConfig
 
 from pagedserve.config import EngineConfig
 from pagedserve.model_executor import gguf_loader
 from pagedserve.model_executor.layers.linear import can_pack, pack_linears
-from pagedserve.model_executor.registry import model_class
+from pagedserve.model_executor.registry import CausalLM, model_class
 
 
 def iter_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -26,7 +28,12 @@ def iter_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
     if not files:
         raise ValueError(f"no .safetensors weights in {model_dir}")
     for name in files:
-        with safe_open(os.path.join(model_dir, name), framework="pt") as f:
+        path = os.path.join(model_dir, name)
+        try:
+            handle = safe_open(path, framework="pt")
+        except Exception as e:  # a truncated or corrupt file: say which one
+            raise ValueError(f"cannot read the weights in {path}: {e}") from e
+        with handle as f:
             for key in f.keys():
                 yield key, f.get_tensor(key)
 
@@ -59,8 +66,9 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
     """Copy checkpoint tensors into the model, routing q/k/v, gate/up and per-expert tensors into fused parameters."""
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
-    if hasattr(model, "map_checkpoint"):  # a layout that differs beyond names (GPT-2's transposed Conv1D)
-        weights = model.map_checkpoint(weights)
+    map_checkpoint = getattr(model, "map_checkpoint", None)
+    if map_checkpoint is not None:  # a layout that differs beyond names (GPT-2's transposed Conv1D)
+        weights = map_checkpoint(weights)
     for checkpoint_name, tensor in tqdm(weights, desc="Loading weights", unit="tensor", leave=False):
         if "rotary_emb.inv_freq" in checkpoint_name:
             continue
@@ -92,7 +100,7 @@ def _part_name(name: str, expert: int | None, shard: int | None) -> str:
 
 def _shard_sizes(model: nn.Module, fused_name: str, rows: int) -> list[int]:
     """Row counts of the shards stacked in a fused parameter of `rows` rows: q, k, v or gate, up."""
-    config = model.config
+    config = cast(PretrainedConfig, model.config)
     if ".qkv_proj." in fused_name:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -123,7 +131,7 @@ def _check_all_loaded(model: nn.Module, params: dict[str, nn.Parameter], loaded:
         raise ValueError(f"checkpoint is missing weights: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
 
 
-def load_model(config: EngineConfig) -> nn.Module:
+def load_model(config: EngineConfig) -> CausalLM:
     cls = model_class(config.hf_config)
     torch.set_default_dtype(config.dtype)
     try:
@@ -132,7 +140,7 @@ def load_model(config: EngineConfig) -> nn.Module:
     finally:
         torch.set_default_dtype(torch.float32)
     model = model.to_empty(device=config.device)
-    model.tie_weights()
+    cast(CausalLM, model).tie_weights()
     if config.gguf_path:
         weights = gguf_loader.iter_gguf_tensors(config.gguf_path, config.dtype)
     else:
@@ -140,4 +148,4 @@ def load_model(config: EngineConfig) -> nn.Module:
     load_weights(model, weights)
     if can_pack(config.device, config.dtype):
         pack_linears(model)
-    return model.eval()
+    return cast(CausalLM, model.eval())

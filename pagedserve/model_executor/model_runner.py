@@ -2,27 +2,55 @@
 
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from pagedserve.config import EngineConfig
-from pagedserve.core.scheduler import ScheduledRequest
+from pagedserve.engine.protocol import TokenLogprobs
+from pagedserve.engine.scheduler import SchedulerOutput
 from pagedserve.model_executor.attention import cpu_kernel
 from pagedserve.model_executor.attention.torch_paged import AttentionMetadata
 from pagedserve.model_executor.layers.sampler import Sampler, SamplingMetadata
 from pagedserve.model_executor.loader import load_model
+from pagedserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pagedserve.engine.structured_output.manager import GrammarBitmask
 
 logger = logging.getLogger("pagedserve")
 
 DEFAULT_CPU_KV_CACHE_BYTES = 4 << 30
-# Logprob entry: token id -> (logprob, rank)
-TokenLogprobs = dict[int, tuple[float, int]]
+
+
+@dataclass
+class CachedRequestState:
+    """What the runner keeps of a request between steps (its row of the persistent batch)."""
+
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # the runner appends what it samples
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """The tokens at [start, end) without building the whole list (a decode step needs one token)."""
+        num_prompt = len(self.prompt_token_ids)
+        if start >= num_prompt:
+            return self.output_token_ids[start - num_prompt : end - num_prompt]
+        if end <= num_prompt:
+            return self.prompt_token_ids[start:end]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - num_prompt]
 
 
 @dataclass
 class ModelRunnerOutput:
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)  # of requests that asked for them
 
 
 def available_memory_bytes() -> int:
@@ -48,9 +76,12 @@ class ModelRunner:
         self.kv_caches = self._allocate_kv_cache()
         if self.device.type == "cpu":  # build (or load the cached) kernel now, not in the first step
             native = cpu_kernel.supports(torch.empty(0, dtype=self.config.dtype))
-            logger.info("decode attention: %s", "native CPU kernel" if native else "PyTorch path")
+            head_dim = self.model.attention_layers()[0].head_dim
+            path = f"native CPU kernel ({cpu_kernel.kernel_path(head_dim)} loop)" if native else "PyTorch path"
+            logger.info("decode attention: %s", path)
         self.sampler = Sampler()
-        self.generators: dict[str, torch.Generator] = {}
+        self.requests: dict[str, CachedRequestState] = {}  # the persistent batch, by request id
+        self.generators: dict[str, torch.Generator] = {}  # seeded requests' own generators
 
     def kv_bytes_per_block(self) -> int:
         attn = self.model.attention_layers()[0]
@@ -92,8 +123,27 @@ class ModelRunner:
         )
         return caches
 
-    def release(self, request_id: str) -> None:
-        self.generators.pop(request_id, None)
+    def update_states(self, sched: SchedulerOutput) -> None:
+        """Apply the step's diffs to the persistent batch: forget finished and preempted requests, take new
+        ones, extend block tables; then do the step's copy-on-write block copies."""
+        for req_id in sched.finished_req_ids:
+            self.requests.pop(req_id, None)
+            self.generators.pop(req_id, None)
+        for req_id in sched.preempted_req_ids:  # back later as a new request; its generator goes on
+            self.requests.pop(req_id, None)
+        for new in sched.new_requests:
+            self.requests[new.req_id] = CachedRequestState(
+                new.prompt_token_ids, list(new.output_token_ids), new.sampling_params, list(new.block_ids),
+                new.num_computed_tokens,
+            )
+        for cached in sched.cached_requests:
+            state = self.requests[cached.req_id]
+            state.num_computed_tokens = cached.num_computed_tokens
+            if cached.new_block_ids:
+                del state.block_ids[cached.block_table_start :]
+                state.block_ids += cached.new_block_ids
+        if sched.block_copies:
+            self.copy_blocks(sched.block_copies)
 
     @torch.inference_mode()
     def copy_blocks(self, block_copies: list[tuple[int, int]]) -> None:
@@ -104,68 +154,76 @@ class ModelRunner:
             cache.index_copy_(2, dst, cache.index_select(2, src))
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledRequest]) -> ModelRunnerOutput:
-        query_lens = [s.num_new_tokens for s in scheduled]
-        context_lens = [s.request.num_computed_tokens + s.num_new_tokens for s in scheduled]
+    def execute(self, sched: SchedulerOutput, req_ids: list[str]) -> ModelRunnerOutput:
+        """Run the step for `req_ids` (all of the step's requests, or a subset when the engine core retries a
+        failed step without the request that broke it). Sampled tokens are appended only once all went well."""
+        states = [self.requests[req_id] for req_id in req_ids]
+        query_lens = [sched.num_scheduled_tokens[req_id] for req_id in req_ids]
+        context_lens = [s.num_computed_tokens + n for s, n in zip(states, query_lens)]
         input_ids: list[int] = []
-        for s, ctx in zip(scheduled, context_lens):
-            input_ids += s.request.token_ids(s.request.num_computed_tokens, ctx)
+        for state, ctx in zip(states, context_lens):
+            input_ids += state.token_ids(state.num_computed_tokens, ctx)
         meta = AttentionMetadata.build(
-            query_lens, context_lens, [s.request.num_prompt_tokens for s in scheduled],
-            [s.block_ids for s in scheduled], self.block_size, self.device,
+            query_lens, context_lens, [len(s.prompt_token_ids) for s in states], [s.block_ids for s in states],
+            self.block_size, self.device,
         )
         hidden = self.model(torch.tensor(input_ids, device=self.device), meta.positions, meta)
 
-        sampling = [i for i, s in enumerate(scheduled) if s.samples]
+        # rows whose chunk reaches the request's last token: their logits give the next token
+        sampling = [i for i, (s, ctx) in enumerate(zip(states, context_lens)) if ctx == s.num_tokens]
         out = ModelRunnerOutput()
         if not sampling:
             return out
         ends = torch.cumsum(torch.tensor(query_lens), 0)
         last_rows = (ends - 1)[sampling].to(self.device)
         logits = self.model.compute_logits(hidden[last_rows])
-        requests = [scheduled[i].request for i in sampling]
+        sampled_ids = [req_ids[i] for i in sampling]
+        rows = [states[i] for i in sampling]
         metadata = SamplingMetadata.from_rows(
-            [r.sampling_params for r in requests],
-            [r.prompt_token_ids for r in requests],
-            [r.output_token_ids for r in requests],
-            [self._generator(r) for r in requests],
-            [self._banned_token_ids(r) for r in requests],
+            [s.sampling_params for s in rows],
+            [s.prompt_token_ids for s in rows],
+            [s.output_token_ids for s in rows],
+            [self._generator(req_id, s.sampling_params.seed) for req_id, s in zip(sampled_ids, rows)],
+            [sched.banned_token_ids.get(req_id, []) for req_id in sampled_ids],
             self.device,
         )
+        if sched.grammar_bitmask is not None:
+            self._add_grammar_bitmask(metadata, sched.grammar_bitmask, sampled_ids)
         result = self.sampler(logits, metadata)
         token_ids = result.sampled_token_ids.tolist()
-        for request, token_id in zip(requests, token_ids):
-            out.sampled_token_ids[request.request_id] = token_id
         if result.logprobs is not None:
+            assert result.logprob_token_ids is not None and result.sampled_token_ranks is not None
             ids, logprobs = result.logprob_token_ids.tolist(), result.logprobs.tolist()
             ranks = result.sampled_token_ranks.tolist()
-            for row, request in enumerate(requests):
-                k = request.sampling_params.logprobs
+            for row, (req_id, state) in enumerate(zip(sampled_ids, rows)):
+                k = state.sampling_params.logprobs
                 if k is None:
                     continue
                 entry = {ids[row][0]: (logprobs[row][0], ranks[row])}
                 for rank in range(1, k + 1):
                     entry.setdefault(ids[row][rank], (logprobs[row][rank], rank))
-                out.logprobs[request.request_id] = entry
+                out.logprobs[req_id] = entry
+        for req_id, state, token_id in zip(sampled_ids, rows, token_ids):
+            state.output_token_ids.append(token_id)
+            out.sampled_token_ids[req_id] = token_id
         return out
 
-    def _generator(self, request) -> torch.Generator | None:
-        seed = request.sampling_params.seed
+    def _add_grammar_bitmask(
+        self, metadata: SamplingMetadata, grammar: "GrammarBitmask", sampled_ids: list[str]
+    ) -> None:
+        """The bitmask rows of the constrained requests among this batch's sampling rows; waits for the engine
+        core's fill (it ran during the forward)."""
+        rows = [row for row, req_id in enumerate(sampled_ids) if req_id in grammar.rows]
+        if rows:
+            bitmask = grammar.tensor()[[grammar.rows[sampled_ids[row]] for row in rows]]
+            metadata.grammar_bitmask = bitmask.to(self.device, non_blocking=True)
+            metadata.grammar_rows = rows
+
+    def _generator(self, req_id: str, seed: int | None) -> torch.Generator | None:
         if seed is None:
             return None
-        gen = self.generators.get(request.request_id)
+        gen = self.generators.get(req_id)
         if gen is None:
             gen = torch.Generator(device=self.device).manual_seed(seed)
-            self.generators[request.request_id] = gen
+            self.generators[req_id] = gen
         return gen
-
-    @staticmethod
-    def _banned_token_ids(request) -> list[int]:
-        """EOS and stop token ids may not be sampled before min_tokens are out."""
-        params = request.sampling_params
-        if request.num_output_tokens >= params.min_tokens:
-            return []
-        banned = list(params.stop_token_ids)
-        if request.eos_token_id is not None:
-            banned.append(request.eos_token_id)
-        return banned

@@ -35,7 +35,7 @@ def test_output_kinds(args, llama_dir):
                 results[kind] = await collect(engine, "The quick", params, f"r-{kind.name}")
             return results
         finally:
-            engine.shutdown()
+            await engine.shutdown()
 
     results = run(main())
     deltas = results[RequestOutputKind.DELTA]
@@ -58,30 +58,31 @@ def test_breaking_out_aborts_and_frees_blocks(args):
                 if len(out.outputs[0].token_ids) >= 1:
                     break
             stats = await engine.engine_stats()
-            while stats["num_requests_running"] or stats["num_requests_waiting"]:
+            while stats.num_requests_running or stats.num_requests_waiting:
                 stats = await engine.engine_stats()
             return stats, engine.num_unfinished_requests
         finally:
-            engine.shutdown()
+            await engine.shutdown()
 
     stats, unfinished = run(main())
     assert unfinished == 0
-    assert stats["num_kv_blocks_free"] == stats["num_kv_blocks_total"]
+    assert stats.num_kv_blocks_free == stats.num_kv_blocks_total
 
 
 def test_engine_fault_fails_only_its_requests(args):
     async def main():
-        engine = AsyncLLM(args)
+        engine = AsyncLLM(args, "thread")
+        await engine.start()
         try:
             runner = engine.client.core.model_runner
             real_execute = runner.execute
             calls = {"n": 0}
 
-            def flaky(scheduled):
+            def flaky(sched, req_ids):
                 calls["n"] += 1
                 if calls["n"] == 1:
                     raise RuntimeError("injected fault")
-                return real_execute(scheduled)
+                return real_execute(sched, req_ids)
 
             runner.execute = flaky
             params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True,
@@ -91,12 +92,12 @@ def test_engine_fault_fails_only_its_requests(args):
             stats = await engine.engine_stats()
             return failed, ok, stats
         finally:
-            engine.shutdown()
+            await engine.shutdown()
 
     failed, ok, stats = run(main())
     assert failed.outputs[0].finish_reason == "error"
     assert ok.outputs[0].finish_reason == "length" and len(ok.outputs[0].token_ids) == 4
-    assert stats["num_kv_blocks_free"] == stats["num_kv_blocks_total"]
+    assert stats.num_kv_blocks_free == stats.num_kv_blocks_total
 
 
 def test_bad_input_raises_value_error(args):
@@ -111,6 +112,6 @@ def test_bad_input_raises_value_error(args):
                 await collect(engine, "y", SamplingParams(), "dup")
             await gen.aclose()
         finally:
-            engine.shutdown()
+            await engine.shutdown()
 
     run(main())

@@ -12,8 +12,8 @@ def llm(llama_dir):
 
 def assert_no_leaks(llm: LLM) -> None:
     stats = llm.stats()
-    assert stats["num_kv_blocks_free"] == stats["num_kv_blocks_total"]
-    assert stats["num_requests_running"] == stats["num_requests_waiting"] == 0
+    assert stats.num_kv_blocks_free == stats.num_kv_blocks_total
+    assert stats.num_requests_running == stats.num_requests_waiting == 0
 
 
 def test_outputs_in_input_order_with_fields(llm):
@@ -177,7 +177,7 @@ def test_gguf_file_inside_a_directory():
     """vLLM's spelling for GGUF: the directory as `model`, the file as `gguf_file`."""
     import os
 
-    from pagedserve.model_executor.gguf_loader import default_model_path
+    from pagedserve.model_files import default_model_path
 
     directory, name = os.path.split(default_model_path())
     llm = LLM(directory, gguf_file=name, dtype="float32", max_model_len=64, num_kv_blocks=8)
@@ -188,10 +188,10 @@ def test_gguf_file_inside_a_directory():
 def test_cache_salt_separates_prefix_cache(llm):
     prompt = list(range(5, 5 + 40))
     params = SamplingParams(max_tokens=1, temperature=0)
-    before = llm.stats()["prefix_cache_hits"]
+    before = llm.stats().prefix_cache_hits
     llm.generate({"prompt_token_ids": prompt, "cache_salt": "tenant-a"}, params, use_tqdm=False)
     llm.generate({"prompt_token_ids": prompt, "cache_salt": "tenant-b"}, params, use_tqdm=False)
-    assert llm.stats()["prefix_cache_hits"] == before  # other salt: no hit
+    assert llm.stats().prefix_cache_hits == before  # other salt: no hit
     llm.generate({"prompt_token_ids": prompt, "cache_salt": "tenant-a"}, params, use_tqdm=False)
-    assert llm.stats()["prefix_cache_hits"] == before + 32  # same salt: both full blocks
+    assert llm.stats().prefix_cache_hits == before + 32  # same salt: both full blocks
     assert_no_leaks(llm)

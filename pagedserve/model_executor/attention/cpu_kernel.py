@@ -66,6 +66,8 @@ def load_kernel() -> ctypes.CDLL | None:
         detail = (getattr(error, "stderr", "") or str(error))[-2000:]
         logger.warning("building the CPU attention kernel failed, using the PyTorch path: %s", detail)
         return None
+    library.paged_decode_attention_path.restype = ctypes.c_int
+    library.paged_decode_attention_path.argtypes = [ctypes.c_int64]
     for dtype in _DTYPES.values():
         function = getattr(library, f"paged_decode_attention_{dtype}")
         function.restype = None
@@ -73,6 +75,15 @@ def load_kernel() -> ctypes.CDLL | None:
             ctypes.c_float
         ] * 2
     return library
+
+
+def kernel_path(head_dim: int) -> str:
+    """Which code runs decode attention for this head size: "avx512", "portable" (the kernel's plain loop), or
+    "torch" (no kernel here)."""
+    library = load_kernel()
+    if library is None:
+        return "torch"
+    return "avx512" if library.paged_decode_attention_path(head_dim) else "portable"
 
 
 def supports(q: torch.Tensor) -> bool:

@@ -265,6 +265,14 @@ void decode_attention(T* out, const T* q, const T* kv_cache, const int64_t* bloc
 
 extern "C" {
 
+// Which loop decode_attention runs for this head_dim: 1 the AVX-512 one, 0 the portable one (for tests and logs).
+int paged_decode_attention_path(int64_t head_dim) {
+#ifdef __AVX512F__
+  if (head_dim == 64 || head_dim == 128 || head_dim == 256) return 1;
+#endif
+  return 0;
+}
+
 // out, q: [num_seqs, num_heads, head_dim]; kv_cache: [2, num_kv_heads, num_blocks, block_size, head_dim];
 // block_tables: [num_seqs, >= blocks used] with row stride block_table_stride; window_starts: first visible
 // position per sequence, or null for all; soft_cap <= 0: none.

@@ -189,15 +189,15 @@ def paged_attention(
             key_start = first_block * meta.block_size
             kv = gather_kv(kv_cache, chunk.block_ids[first_block:])[:, :, : chunk.context_len - key_start]
             kp, vp = kv[0], kv[1]
-        mask = None
+        chunk_mask = None
         if start > 0 or window is not None:
             # query i sits at position start + i and sees keys up to there (and within the window)
             q_pos = torch.arange(start, chunk.context_len, device=q.device)[:, None]
             k_pos = torch.arange(key_start, chunk.context_len, device=q.device)[None, :]
-            mask = k_pos <= q_pos
+            chunk_mask = k_pos <= q_pos
             if window is not None:
-                mask &= k_pos > q_pos - window
-        out[rows] = _prefill_attention(q[rows].transpose(0, 1), kp, vp, mask, scale, soft_cap).transpose(0, 1)
+                chunk_mask &= k_pos > q_pos - window
+        out[rows] = _prefill_attention(q[rows].transpose(0, 1), kp, vp, chunk_mask, scale, soft_cap).transpose(0, 1)
     return out
 
 

@@ -51,6 +51,6 @@ def sliding_windows(config: PretrainedConfig, max_model_len: int) -> list[int | 
     for layer_type in layer_types:
         if layer_type not in ("sliding_attention", "full_attention"):
             raise ValueError(f"attention layer type {layer_type!r} is not supported (supported: full, sliding)")
-        sliding = layer_type == "sliding_attention" and bool(window) and window < max_model_len
+        sliding = layer_type == "sliding_attention" and window is not None and 0 < window < max_model_len
         windows.append(window if sliding else None)
     return windows

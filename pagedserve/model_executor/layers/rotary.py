@@ -93,6 +93,13 @@ class RotaryEmbedding(nn.Module):
         self.cos_cache = torch.stack([cos for cos, _ in tables])  # [2 (short, long), max_position, rotary_dim]
         self.sin_cache = torch.stack([sin for _, sin in tables])
 
+    def kv_variant(self, prompt_len: int) -> tuple:
+        """LongRoPE rotates with its long factors when the prompt is longer than the original context: the
+        same tokens then have other K, so they must not share prefix-cache blocks with short-factor ones."""
+        if self.original_max_position is not None and prompt_len > self.original_max_position:
+            return ("longrope-long",)
+        return ()
+
     def forward(self, meta: AttentionMetadata, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin for each of the step's tokens, [T, 1, rotary_dim]: looked up once, shared by all layers."""
         positions = meta.positions

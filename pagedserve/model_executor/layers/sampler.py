@@ -1,10 +1,15 @@
 """Batched token sampler: logit processing, greedy/random sampling and logprobs over [B, V] logits.
 
 Processing order follows vLLM v1:
-  1. logprobs from the raw logits (before any processing);
-  2. logit_bias, then banned token ids (-inf);
-  3. penalties: repetition (prompt + output tokens), frequency and presence (output tokens);
-  4. greedy rows: argmax; random rows: temperature, top-k, top-p, min-p, then sampling.
+  1. the grammar bitmask of structured-output rows: tokens the grammar does not allow -> -inf;
+  2. logprobs from these logits (before any other processing);
+  3. logit_bias, then banned token ids (-inf);
+  4. penalties: repetition (prompt + output tokens), frequency and presence (output tokens);
+  5. greedy rows: argmax; random rows: temperature, top-k, top-p, min-p, then sampling.
+
+The grammar comes before the logprobs, as in vLLM (it masks in its model runner, before its sampler's "raw"
+logprobs): a constrained request's logprobs are those of the distribution it was sampled from, -inf outside
+the grammar, so a client switching from vLLM reads the same numbers.
 """
 
 from __future__ import annotations
@@ -57,6 +62,10 @@ class SamplingMetadata:
     max_indexed_token_id: int | None = None
     # Top-K alternatives to return (max of the rows' ``logprobs``); None = no row wants logprobs.
     max_num_logprobs: int | None = None
+    # Structured outputs: int32 [R, >= ceil(V / 32)] allowed-token bitmasks (bit t % 32 of word t // 32 set =
+    # token t allowed) of the logits rows ``grammar_rows`` (ascending; None = every row, in order).
+    grammar_bitmask: torch.Tensor | None = None
+    grammar_rows: list[int] | None = None
 
     @classmethod
     def from_rows(
@@ -156,6 +165,8 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
         """``logits`` [B, V] is not modified."""
         logits = logits.float()
+        if metadata.grammar_bitmask is not None:
+            logits = apply_grammar_bitmask(logits, metadata.grammar_bitmask, metadata.grammar_rows)
         raw_logprobs = None if metadata.max_num_logprobs is None else logits.log_softmax(dim=-1)
         logits = self.apply_logits_processors(logits, metadata)
 
@@ -166,19 +177,41 @@ class Sampler:
             if not metadata.all_random:
                 sampled = torch.where(metadata.temperature == 0.0, logits.argmax(dim=-1), sampled)
 
-        if raw_logprobs is None:
+        if raw_logprobs is None or metadata.max_num_logprobs is None:
             return SamplerOutput(sampled, None, None, None)
         token_ids, logprobs, ranks = gather_logprobs(raw_logprobs, metadata.max_num_logprobs, sampled)
         return SamplerOutput(sampled, token_ids, logprobs, ranks)
 
     @staticmethod
     def apply_logits_processors(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
-        """logit_bias, banned ids, then penalties: the logits greedy rows take the argmax of.
+        """logit_bias, banned ids, then penalties (on logits the grammar has masked already): the logits greedy
+        rows take the argmax of.
 
         Returns float32 logits; the input is not modified.
         """
         logits = _apply_bias_and_bans(logits.float(), metadata)
         return _apply_penalties(logits, metadata)
+
+
+# Bit i of an int32 word, as an int32 (bit 31 is the sign bit).
+_BITS = torch.tensor([1 << i for i in range(31)] + [-(1 << 31)], dtype=torch.int32)
+
+
+def apply_grammar_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int] | None) -> torch.Tensor:
+    """A copy of the logits with -inf for every token the bitmask does not allow, in the bitmask's rows.
+
+    Plain torch on every device. On the CPU it beats xgrammar's kernel (`xgrammar.apply_token_bitmask_inplace`)
+    for SmolLM2's [64, 49152] float32 logits: median 6.3 ms against 14.7 ms inside the engine on 2 cores (6-10
+    against 10-14 ms alone, one thread; at 16 rows 0.7 against 3.0 ms). Bits past the logits' width (a tokenizer
+    longer than the model's vocabulary) are ignored.
+    """
+    num_rows, vocab_size = bitmask.shape[0], logits.shape[-1]
+    masked = (bitmask.unsqueeze(-1) & _BITS.to(bitmask.device)) == 0
+    masked = masked.view(num_rows, -1)[:, :vocab_size]
+    if rows is None or num_rows == logits.shape[0]:
+        return logits.masked_fill(masked, float("-inf"))
+    index = torch.tensor(rows, device=logits.device)
+    return logits.index_put((index,), logits[index].masked_fill(masked, float("-inf")))
 
 
 def gather_logprobs(
@@ -230,6 +263,7 @@ def _apply_bias_and_bans(logits: torch.Tensor, md: SamplingMetadata) -> torch.Te
         index, values = _in_vocab(
             md.logit_bias_index, md.logit_bias_values, vocab_size, md.max_indexed_token_id
         )
+        assert values is not None
         logits.index_put_((index[0], index[1]), values, accumulate=True)
     if md.banned_index is not None:
         index, _ = _in_vocab(md.banned_index, None, vocab_size, md.max_indexed_token_id)

@@ -8,6 +8,8 @@ type: the sliding layers' base is the old `rope_local_base_freq`); transformers'
 `attn_logit_softcapping`, and so does this.
 """
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -118,7 +120,10 @@ class GemmaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def attention_layers(self) -> list[Attention]:
-        return [layer.self_attn.attn for layer in self.model.layers]
+        return [cast(GemmaDecoderLayer, layer).self_attn.attn for layer in self.model.layers]
+
+    def kv_variant(self, prompt_len: int) -> tuple:
+        return sum((cast(RotaryEmbedding, rotary).kv_variant(prompt_len) for rotary in self.model.rotary.values()), ())
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, meta)

@@ -5,6 +5,7 @@ them into `nn.Linear` ([out, in]) at load, so the matmuls and bf16 weight packin
 """
 
 from collections.abc import Iterator
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -116,7 +117,10 @@ class GPT2LMHeadModel(nn.Module):
             yield name, tensor.t() if name.endswith(_CONV1D_WEIGHTS) else tensor
 
     def attention_layers(self) -> list[Attention]:
-        return [block.attn.attn for block in self.transformer.h]
+        return [cast(GPT2Block, block).attn.attn for block in self.transformer.h]
+
+    def kv_variant(self, prompt_len: int) -> tuple:
+        return ()  # learned positions: a token's K/V depend on the tokens alone
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self.transformer(input_ids, positions, meta)

@@ -8,6 +8,7 @@ q/k/v projections are fused into one `qkv_proj` and gate/up into `gate_up_proj` 
 """
 
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -134,7 +135,11 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def attention_layers(self) -> list[Attention]:
-        return [layer.self_attn.attn for layer in self.model.layers]
+        return [cast(LlamaDecoderLayer, layer).self_attn.attn for layer in self.model.layers]
+
+    def kv_variant(self, prompt_len: int) -> tuple:
+        """What besides the tokens decides a request's K/V (a prefix-cache key): LongRoPE's factor choice."""
+        return self.model.rotary.kv_variant(prompt_len)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, meta)

@@ -29,6 +29,12 @@ def reference(q, kv_cache, block_tables, context_lens, window, scale, soft_cap):
     return torch.stack(out)
 
 
+def expected_path(head_dim: int) -> str:
+    """The AVX-512 loop for the head sizes it is specialised for, on a CPU that has AVX-512; else the portable."""
+    has_avx512 = " avx512f " in f" {cpu_kernel._cpu_flags()} "
+    return "avx512" if has_avx512 and head_dim in (64, 128, 256) else "portable"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head_dim,num_heads,num_kv_heads", SHAPES)
 @pytest.mark.parametrize("block_size", [8, 16, 32])
@@ -48,6 +54,7 @@ def test_matches_dense_reference(dtype, head_dim, num_heads, num_kv_heads, block
     window_starts = context_lens - window if window else None
 
     out = cpu_kernel.paged_decode_attention(q, kv_cache, block_tables, context_lens, window_starts, scale, soft_cap)
+    assert cpu_kernel.kernel_path(head_dim) == expected_path(head_dim)
 
     expected = reference(q, kv_cache, block_tables, context_lens, window, scale, soft_cap)
     # float32 throughout; bfloat16 inputs are exact in float32, so only the output's rounding differs
@@ -76,7 +83,7 @@ def fresh_kernel():
 
 def test_torch_backend_turns_the_kernel_off(monkeypatch, fresh_kernel):
     monkeypatch.setenv("PAGEDSERVE_ATTENTION_BACKEND", "torch")
-    assert cpu_kernel.load_kernel() is None
+    assert cpu_kernel.load_kernel() is None and cpu_kernel.kernel_path(64) == "torch"
     assert not cpu_kernel.supports(torch.zeros(1, 1, 8))
 
 

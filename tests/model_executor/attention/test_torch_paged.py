@@ -33,11 +33,21 @@ def dense_attention(q, k, v, first_position, scale, window, soft_cap):
 
 @pytest.fixture(params=["native", "torch"])
 def decode_backend(request, monkeypatch):
+    """Decode rows through the native kernel or the PyTorch path; afterwards, check that path is the one ran."""
+    kernel_calls = []
+    real_kernel = cpu_kernel.paged_decode_attention
+
+    def counted(*args, **kwargs):
+        kernel_calls.append(1)
+        return real_kernel(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_kernel, "paged_decode_attention", counted)
     if request.param == "torch":
         monkeypatch.setattr(cpu_kernel, "supports", lambda q: False)
     else:
         assert cpu_kernel.load_kernel() is not None, "the CPU kernel must build on this machine"
-    return request.param
+    yield request.param
+    assert bool(kernel_calls) == (request.param == "native"), f"decode rows did not take the {request.param} path"
 
 
 @pytest.mark.parametrize("block_size", [4, 16])

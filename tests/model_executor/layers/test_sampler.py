@@ -394,3 +394,56 @@ def test_hand_built_metadata_with_defaults() -> None:
     tokens = Sampler()(logits, metadata).sampled_token_ids
     assert int(tokens[0]) == int(logits[0].argmax())
     assert int(tokens[2]) == int(logits[2].topk(2).indices[1])
+
+
+def bitmask_of(allowed: list[set[int]], width_words: int) -> torch.Tensor:
+    """Rows of an int32 token bitmask: bit t % 32 of word t // 32 set = token t allowed."""
+    words = [[0] * width_words for _ in allowed]
+    for row, tokens in enumerate(allowed):
+        for t in tokens:
+            words[row][t // 32] |= 1 << (t % 32)
+    return torch.tensor(words, dtype=torch.int64).to(torch.int32)  # bit 31 wraps to the sign bit
+
+
+def test_grammar_bitmask_restricts_sampling_and_logprobs() -> None:
+    """Rows 0 and 2 are constrained (the bitmask is wider than the 40-token vocabulary), row 1 is not. Only
+    allowed tokens are sampled, greedy takes the best allowed one, and logprobs are those of the masked logits
+    (as vLLM's): -inf outside the grammar, renormalised over the allowed tokens."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 40) * 3
+    before = logits.clone()
+    allowed = [{1, 31, 39}, {0, 5, 32}]
+    params = [SamplingParams(temperature=2.0, logprobs=2), SamplingParams(temperature=2.0),
+              SamplingParams(temperature=0.0, logprobs=0)]
+    metadata = make_metadata(params)
+    metadata.grammar_bitmask, metadata.grammar_rows = bitmask_of(allowed, 3), [0, 2]
+    seen: list[set[int]] = [set(), set(), set()]
+    for _ in range(300):
+        out = Sampler()(logits, metadata)
+        for row, token in enumerate(out.sampled_token_ids.tolist()):
+            seen[row].add(token)
+    assert seen[0] == allowed[0] and seen[2] == {max(allowed[1], key=lambda t: float(logits[2, t]))}
+    assert len(seen[1]) > 3 and not seen[1] <= allowed[0]
+    masked = logits.clone()
+    for row, tokens in ((0, allowed[0]), (2, allowed[1])):
+        masked[row, [t for t in range(40) if t not in tokens]] = float("-inf")
+    expected = torch.log_softmax(masked, dim=-1)
+    assert out.logprobs is not None and out.logprob_token_ids is not None
+    assert torch.equal(out.logprobs, expected.gather(1, out.logprob_token_ids))
+    assert out.logprobs[0, 0].exp() > torch.softmax(logits, dim=-1)[0, out.sampled_token_ids[0]]
+    assert torch.equal(logits, before)
+
+
+def test_grammar_bitmask_matches_xgrammar_on_every_bit() -> None:
+    xgrammar = pytest.importorskip("xgrammar")
+    torch.manual_seed(1)
+    logits = torch.randn(5, 100)
+    bitmask = torch.randint(-(2**31), 2**31, (5, 4), dtype=torch.int64).to(torch.int32)  # 128 bits > 100
+    expected = logits.clone()
+    xgrammar.apply_token_bitmask_inplace(expected, bitmask, vocab_size=100)
+    assert torch.equal(sampler_module.apply_grammar_bitmask(logits, bitmask, None), expected)
+    rows = [1, 4]  # the bitmask's two rows are those logits rows; the others stay as they are
+    expected = logits.clone()
+    full = torch.full((5, 4), -1, dtype=torch.int32).index_copy(0, torch.tensor(rows), bitmask[:2])
+    xgrammar.apply_token_bitmask_inplace(expected, full, vocab_size=100)
+    assert torch.equal(sampler_module.apply_grammar_bitmask(logits, bitmask[:2], rows), expected)

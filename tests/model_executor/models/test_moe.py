@@ -122,7 +122,7 @@ def generate(path: str) -> list[tuple[list[int], list[float]]]:
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=0)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
     stats = llm.stats()
-    assert stats["num_kv_blocks_free"] == stats["num_kv_blocks_total"]
+    assert stats.num_kv_blocks_free == stats.num_kv_blocks_total
     result = []
     for out in outs:
         c = out.outputs[0]

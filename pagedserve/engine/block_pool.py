@@ -64,8 +64,9 @@ class BlockPool:
     def free(self, blocks: list[KVBlock]) -> None:
         """Drop one reference each; pass blocks tail first so chain ends are evicted before roots."""
         for block in blocks:
+            if block.ref_cnt <= 0:
+                raise RuntimeError(f"KV block {block.block_id} freed twice")
             block.ref_cnt -= 1
-            assert block.ref_cnt >= 0, f"block {block.block_id} freed twice"
             if block.ref_cnt == 0:
                 self.free_queue[block.block_id] = None
 

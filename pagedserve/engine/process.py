@@ -1,6 +1,7 @@
 """Starting the engine core's own process. Free of heavy imports: `pagedserve serve` calls
 `start_engine_process` first thing, so the engine's imports and model load overlap the front end's."""
 
+import logging
 import multiprocessing
 import os
 import tempfile
@@ -25,18 +26,19 @@ class EngineProcess:
         self.tmpdir.cleanup()
 
 
-def start_engine_process(engine_args: EngineArgs) -> EngineProcess:
+def start_engine_process(engine_args: EngineArgs, log_level: int = logging.INFO) -> EngineProcess:
     tmpdir = tempfile.TemporaryDirectory(prefix="pagedserve-")
     input_path = f"ipc://{os.path.join(tmpdir.name, 'input')}"
     output_path = f"ipc://{os.path.join(tmpdir.name, 'output')}"
     process = multiprocessing.get_context("spawn").Process(
-        target=_main, args=(engine_args, input_path, output_path), name="pagedserve-engine", daemon=True
+        target=_main, args=(engine_args, input_path, output_path, log_level), name="pagedserve-engine", daemon=True
     )
     process.start()
     return EngineProcess(process, input_path, output_path, tmpdir)
 
 
-def _main(engine_args: EngineArgs, input_path: str, output_path: str) -> None:
-    from pagedserve.frontend.core_client import engine_process_main
+def _main(engine_args: EngineArgs, input_path: str, output_path: str, log_level: int) -> None:
+    logging.getLogger("pagedserve").setLevel(log_level)
+    from pagedserve.engine.core_loop import engine_process_main
 
     engine_process_main(engine_args, input_path, output_path)

@@ -1,8 +1,10 @@
 """The KV cache manager and scheduler without a model: prefix hits, salts, LRU, preemption, fork and copy-on-write."""
 
-from pagedserve.core.kv_cache_manager import KVCacheManager
-from pagedserve.core.request import Request, RequestStatus
-from pagedserve.core.scheduler import Scheduler
+from engine_utils import pretend_step
+
+from pagedserve.engine.kv_cache_manager import KVCacheManager
+from pagedserve.engine.request import Request, RequestStatus
+from pagedserve.engine.scheduler import Scheduler
 from pagedserve.sampling_params import SamplingParams
 
 BS = 16
@@ -107,19 +109,6 @@ def test_a_hit_refreshes_lru_and_an_in_use_cached_block_is_never_evicted():
     assert kv.pool.num_free_blocks == 4
 
 
-def run_step(sched: Scheduler) -> dict[str, int]:
-    """Pretend the model ran: advance computed tokens; append a token where the chunk reached the end."""
-    out = sched.schedule()
-    for s in out.scheduled:
-        samples = s.samples
-        s.request.num_computed_tokens += s.num_new_tokens
-        if samples:
-            s.request.output_token_ids.append(7)
-            if s.request.num_output_tokens >= s.request.max_output_tokens:
-                sched.finish(s.request, RequestStatus.FINISHED_LENGTH)
-    return {s.request.request_id: s.num_new_tokens for s in out.scheduled}
-
-
 def test_a_preempted_request_gets_its_blocks_back_as_hits():
     kv = KVCacheManager(7, BS, enable_prefix_caching=True)
     sched = Scheduler(kv, 256, 8)
@@ -129,7 +118,7 @@ def test_a_preempted_request_gets_its_blocks_back_as_hits():
     sched.add_request(b)
     num_tokens_at_preemption = None
     for _ in range(200):
-        run_step(sched)
+        pretend_step(sched)
         if b.status == RequestStatus.PREEMPTED and num_tokens_at_preemption is None:
             num_tokens_at_preemption = b.num_tokens
             queries_before = kv.prefix_cache_queries
@@ -140,7 +129,7 @@ def test_a_preempted_request_gets_its_blocks_back_as_hits():
     assert b.num_cached_tokens == (num_tokens_at_preemption - 1) // BS * BS > 0
     assert kv.prefix_cache_queries == queries_before + num_tokens_at_preemption  # the resumed lookup counts
     while sched.has_unfinished():
-        run_step(sched)
+        pretend_step(sched)
     assert kv.pool.num_free_blocks == 7
 
 
@@ -149,15 +138,15 @@ def test_a_lookup_is_counted_once_per_admission_not_per_retry():
     sched = Scheduler(kv, 256, 8)
     big = make_request("big", tokens(40), max_tokens=20)
     sched.add_request(big)
-    run_step(sched)
+    pretend_step(sched)
     waiter = make_request("waiter", tokens(40, start=500), max_tokens=2)
     sched.add_request(waiter)
     for _ in range(5):  # waiter needs 3 blocks, 1 is free: it waits
-        run_step(sched)
+        pretend_step(sched)
         assert waiter.status == RequestStatus.WAITING
     assert kv.prefix_cache_queries == 40
     while sched.has_unfinished():
-        run_step(sched)
+        pretend_step(sched)
     assert kv.prefix_cache_queries == 80 and kv.pool.num_free_blocks == 4
 
 

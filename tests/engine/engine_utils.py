@@ -1,9 +1,13 @@
-"""Helpers for engine-core tests: build an EngineCore, run it dry, check that no KV block leaked."""
+"""Helpers for engine tests: build an EngineCore, run it dry, check that no KV block leaked; step a scheduler
+with a pretend model."""
 
 from dataclasses import dataclass, field
 
 from pagedserve.config import EngineArgs, create_engine_config
-from pagedserve.core.engine_core import EngineCore, EngineCoreOutput
+from pagedserve.engine.engine_core import EngineCore
+from pagedserve.engine.protocol import EngineCoreOutput
+from pagedserve.engine.request import RequestStatus
+from pagedserve.engine.scheduler import Scheduler
 
 
 def make_engine(path: str, **kwargs) -> EngineCore:
@@ -35,7 +39,7 @@ def run_all(engine: EngineCore, run: Run | None = None, max_steps: int = 2000) -
         for out in engine.step():
             run.add(out)
         stats = engine.stats()
-        run.peak_blocks_used = max(run.peak_blocks_used, stats["num_kv_blocks_total"] - stats["num_kv_blocks_free"])
+        run.peak_blocks_used = max(run.peak_blocks_used, stats.num_kv_blocks_total - stats.num_kv_blocks_free)
     assert not engine.has_unfinished_requests(), "the engine made no progress"
     assert_all_blocks_free(engine)
     return run
@@ -47,3 +51,18 @@ def assert_all_blocks_free(engine: EngineCore) -> None:
     assert all(block.ref_cnt == 0 for block in pool.blocks)
     kv = engine.kv_cache_manager
     assert not engine.requests and not kv.req_blocks and not kv.req_block_hashes and not kv.req_num_cached_blocks
+
+
+def pretend_step(sched: Scheduler, token_id: int = 7) -> dict[str, int]:
+    """Pretend the model ran the scheduled step: advance computed tokens; where a chunk reached the end, append
+    a token (finishing at max_tokens). Returns request id -> tokens scheduled."""
+    out = sched.schedule()
+    for req_id, num_new in out.num_scheduled_tokens.items():
+        request = sched.requests[req_id]
+        samples = request.num_computed_tokens + num_new == request.num_tokens
+        request.num_computed_tokens += num_new
+        if samples:
+            request.output_token_ids.append(token_id)
+            if request.num_output_tokens >= request.max_output_tokens:
+                sched.finish(request, RequestStatus.FINISHED_LENGTH)
+    return dict(out.num_scheduled_tokens)

@@ -5,9 +5,9 @@ import random
 
 import pytest
 from conftest import ARCHITECTURES
-from core_utils import Run, make_engine, run_all
+from engine_utils import Run, make_engine, run_all
 
-from pagedserve.core.engine_core import EngineCore
+from pagedserve.engine.engine_core import EngineCore
 from pagedserve.sampling_params import SamplingParams
 
 BS = 16
@@ -65,7 +65,7 @@ def test_greedy_outputs_match_with_and_without_caching(checkpoints, arch):
     tight = generate(tight_engine, [first, second], steps_between=2)
     assert tight.tokens == reference.tokens
     stats = tight_engine.stats()
-    assert stats["num_preemptions"] > 0 and stats["prefix_cache_hits"] > 0
+    assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
 
 
 def run_until_finished(engine: EngineCore, run: Run, key: tuple[str, int]) -> None:
@@ -99,9 +99,9 @@ def test_a_preempted_request_resumes_from_its_own_cached_blocks(llama_dir):
             if out.num_cached_tokens:
                 resumed_hits.setdefault(out.request_id, out.num_cached_tokens)
     assert run.tokens == reference.tokens
-    assert engine.stats()["num_preemptions"] > 0
+    assert engine.stats().num_preemptions > 0
     assert resumed_hits and all(hits % BS == 0 and hits >= BS for hits in resumed_hits.values())
-    assert engine.stats()["prefix_cache_hits"] >= sum(resumed_hits.values())
+    assert engine.stats().prefix_cache_hits >= sum(resumed_hits.values())
     run_all(engine)  # checks that no block leaked
 
 
@@ -123,7 +123,7 @@ def test_lru_eviction_under_a_small_pool_keeps_in_use_blocks_and_outputs(llama_d
     reference = drive(make_engine(llama_dir, enable_prefix_caching=False, num_kv_blocks=12))
     engine = make_engine(llama_dir, enable_prefix_caching=True, num_kv_blocks=12)
     assert drive(engine).tokens == reference.tokens
-    assert engine.stats()["num_preemptions"] == 0  # eviction only: no request lost a block it was using
+    assert engine.stats().num_preemptions == 0  # eviction only: no request lost a block it was using
 
     def hits(prompt: list[int]) -> int:
         engine.add_request("probe", prompt, GREEDY)

@@ -1,6 +1,6 @@
 import pytest
 
-from pagedserve.core.block_pool import BlockPool
+from pagedserve.engine.block_pool import BlockPool
 
 
 def test_allocate_and_free_returns_everything():
@@ -60,8 +60,9 @@ def test_double_free_is_caught():
     pool = BlockPool(1)
     (a,) = pool.allocate(1)
     pool.free([a])
-    with pytest.raises(AssertionError):
+    with pytest.raises(RuntimeError, match="freed twice"):
         pool.free([a])
+    assert a.ref_cnt == 0 and pool.num_free_blocks == 1  # the pool is left as it was
 
 
 def test_reset_prefix_cache_only_when_idle():

@@ -1,7 +1,6 @@
 """A request as the engine core sees it: token ids in, token ids out, and where it is in its life."""
 
 import enum
-import time
 from dataclasses import dataclass, field
 
 from pagedserve.sampling_params import SamplingParams
@@ -9,6 +8,7 @@ from pagedserve.sampling_params import SamplingParams
 
 class RequestStatus(enum.IntEnum):
     WAITING = enum.auto()
+    WAITING_FOR_GRAMMAR = enum.auto()  # queued, but not to be admitted before its grammar is compiled
     RUNNING = enum.auto()
     PREEMPTED = enum.auto()
     # Everything after this point is finished.
@@ -16,10 +16,6 @@ class RequestStatus(enum.IntEnum):
     FINISHED_LENGTH = enum.auto()
     FINISHED_ABORTED = enum.auto()
     FINISHED_ERROR = enum.auto()
-
-    @property
-    def is_finished(self) -> bool:
-        return self > RequestStatus.PREEMPTED
 
     @property
     def finish_reason(self) -> str | None:
@@ -44,16 +40,14 @@ class Request:
     cache_salt: str | None = None
     # Besides the salt, what else makes this request's K/V differ for the same tokens (prefix-cache key).
     kv_variant: tuple = ()
-    arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
-    # Tokens whose K/V are in the cache. The scheduler advances it when a step is scheduled.
+    # Tokens whose K/V are in the cache (prefix hits at admission; the engine core adds each step's tokens).
     num_computed_tokens: int = 0
     # Prefix-cache hits found when the request was (last) admitted, in tokens.
     num_cached_tokens: int = 0
     stop_reason: int | str | None = None
     error: str | None = None
-    num_preemptions: int = 0
     # The caller's id and which of its n samples this is (EngineCore sets request_id to f"{it}#{index}").
     client_request_id: str = ""
     index: int = 0
@@ -63,15 +57,6 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
-
-    def token_ids(self, start: int, end: int) -> list[int]:
-        """all_token_ids[start:end] without building the whole list (a decode step needs one token)."""
-        num_prompt = len(self.prompt_token_ids)
-        if start >= num_prompt:
-            return self.output_token_ids[start - num_prompt : end - num_prompt]
-        if end <= num_prompt:
-            return self.prompt_token_ids[start:end]
-        return self.prompt_token_ids[start:] + self.output_token_ids[: end - num_prompt]
 
     @property
     def num_tokens(self) -> int:
@@ -90,6 +75,3 @@ class Request:
         budget = self.max_total_tokens - self.num_prompt_tokens
         max_tokens = self.sampling_params.max_tokens
         return budget if max_tokens is None else min(max_tokens, budget)
-
-    def is_finished(self) -> bool:
-        return self.status.is_finished

@@ -2,44 +2,68 @@
 
 Each step: running requests first (their next token, or next prefill chunk), preempting the newest
 running request when blocks run out; then waiting requests in FCFS order while budget, sequence cap
-and free blocks allow. The scheduler deals in requests and block ids only, never tensors: a block a
-request must copy before writing to it (copy-on-write, n > 1) is a (src, dst) pair for the model runner.
+and free blocks allow. The scheduler deals in requests and block ids only, never tensors.
+
+What it hands the model runner is plain per-request data, as per-step diffs (vLLM v1's `SchedulerOutput`):
+a request the runner has not seen yet (or lost, by preemption) comes whole in `new_requests`; one it
+already holds comes as `cached_requests` with only what changed in its block table. The runner keeps the
+rest (token ids, sampling state) in its persistent batch and appends the tokens it samples itself.
 """
+
+from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from pagedserve.core.kv_cache_manager import KVCacheManager
-from pagedserve.core.request import Request, RequestStatus
+from pagedserve.engine.kv_cache_manager import KVCacheManager
+from pagedserve.engine.request import Request, RequestStatus
+from pagedserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # it holds a tensor; the scheduler never touches it
+    from pagedserve.engine.structured_output.manager import GrammarBitmask
 
 
 @dataclass
-class ScheduledRequest:
-    request: Request
-    num_new_tokens: int  # tokens computed this step, starting at request.num_computed_tokens
-    block_ids: list[int]
+class NewRequestData:
+    """A request the runner does not hold: first scheduled, forked from a parent (n > 1), or resumed after
+    preemption (then `output_token_ids` are the tokens it had generated, recomputed as part of its prompt)."""
 
-    @property
-    def samples(self) -> bool:
-        """True when this chunk reaches the request's last token, so its logits give the next token."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+    req_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass
+class CachedRequestData:
+    """A request the runner already holds: from index `block_table_start` on, its block table is now
+    `new_block_ids` (appended blocks, and the copy that replaced a shared block, see copy-on-write)."""
+
+    req_id: str
+    num_computed_tokens: int
+    block_table_start: int
+    new_block_ids: list[int]
 
 
 @dataclass
 class SchedulerOutput:
-    scheduled: list[ScheduledRequest] = field(default_factory=list)
-    # Requests finished at scheduling time (e.g. can never fit in the KV cache).
-    finished: list[Request] = field(default_factory=list)
+    new_requests: list[NewRequestData] = field(default_factory=list)
+    cached_requests: list[CachedRequestData] = field(default_factory=list)
+    # Tokens each scheduled request computes this step, in batch order (starting at its num_computed_tokens).
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    # Requests the runner must forget: finished (with their sampling state) or preempted (they come back new).
+    finished_req_ids: set[str] = field(default_factory=set)
+    preempted_req_ids: set[str] = field(default_factory=set)
     # (src, dst) block ids to copy in every layer before the forward: copy-on-write of shared blocks.
     block_copies: list[tuple[int, int]] = field(default_factory=list)
-
-    @property
-    def num_scheduled_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled and not self.finished
+    # Token ids a row may not sample this step (EOS and stop ids before min_tokens); set by the engine core.
+    banned_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    # Tokens the grammar-constrained rows that sample this step may take (structured outputs); set by the
+    # engine core, and filled while the forward runs.
+    grammar_bitmask: GrammarBitmask | None = None
 
 
 class FCFSPolicy:
@@ -65,11 +89,16 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.policy = policy or FCFSPolicy()
+        self.requests: dict[str, Request] = {}  # every unfinished sample, by its request_id
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self._held_by_runner: set[str] = set()  # requests the runner has in its persistent batch
+        self._finished_req_ids: set[str] = set()  # since the last step, to tell the runner
+        self._preempted_req_ids: set[str] = set()
 
     def add_request(self, request: Request) -> None:
+        self.requests[request.request_id] = request
         self.waiting.append(request)
 
     def has_unfinished(self) -> bool:
@@ -94,25 +123,20 @@ class Scheduler:
                     break
             if request.status != RequestStatus.RUNNING:
                 continue
-            out.scheduled.append(ScheduledRequest(request, num_new, self.kv.get_block_ids(request.request_id)))
+            self._add_to_output(out, request, num_new)
             budget -= num_new
 
         # Admit waiting requests only if nothing had to be preempted this step. A request's n samples
         # take n of the max_num_seqs seats from its admission on.
         num_seqs = sum(1 + len(r.pending_forks) for r in self.running)
+        skipped: list[Request] = []  # still waiting for their grammar: the requests behind them go first
         while self.waiting and budget > 0 and not preempted:
             request = self.waiting[0]
+            if request.status == RequestStatus.WAITING_FOR_GRAMMAR:
+                skipped.append(self.waiting.popleft())
+                continue
             if num_seqs + 1 + len(request.pending_forks) > self.max_num_seqs:
                 break
-            if self.kv.num_blocks_needed(request.num_tokens + 1) > self.kv.pool.num_blocks:
-                self.waiting.popleft()
-                request.status = RequestStatus.FINISHED_ERROR
-                request.error = (
-                    f"request needs {request.num_tokens + 1} tokens of KV cache, more than the whole pool holds "
-                    f"({self.kv.pool.num_blocks} blocks of {self.kv.block_size})"
-                )
-                out.finished.append(request)
-                continue
             hit_blocks, num_hit_tokens = self.kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hit_tokens, budget)
             if not self.kv.allocate_slots(request, num_new, hit_blocks):
@@ -123,11 +147,31 @@ class Scheduler:
             request.num_computed_tokens = num_hit_tokens
             request.num_cached_tokens = num_hit_tokens
             self.running.append(request)
-            out.scheduled.append(ScheduledRequest(request, num_new, self.kv.get_block_ids(request.request_id)))
+            self._add_to_output(out, request, num_new)
             budget -= num_new
             num_seqs += 1 + len(request.pending_forks)
+        self.waiting.extendleft(reversed(skipped))
+
         out.block_copies = self.kv.take_block_copies()
+        out.finished_req_ids, self._finished_req_ids = self._finished_req_ids, set()
+        out.preempted_req_ids, self._preempted_req_ids = self._preempted_req_ids, set()
         return out
+
+    def _add_to_output(self, out: SchedulerOutput, request: Request, num_new: int) -> None:
+        req_id = request.request_id
+        out.num_scheduled_tokens[req_id] = num_new
+        start = self.kv.take_table_change(req_id)
+        if req_id not in self._held_by_runner:
+            self._held_by_runner.add(req_id)
+            out.new_requests.append(NewRequestData(
+                req_id, request.prompt_token_ids, list(request.output_token_ids), request.sampling_params,
+                self.kv.get_block_ids(req_id), request.num_computed_tokens,
+            ))
+        else:
+            new_block_ids = self.kv.get_block_ids(req_id)[start:] if start is not None else []
+            out.cached_requests.append(CachedRequestData(
+                req_id, request.num_computed_tokens, start if start is not None else 0, new_block_ids,
+            ))
 
     def fork(self, request: Request) -> None:
         """Start a request's other samples once its prompt is computed (n > 1).
@@ -140,6 +184,7 @@ class Scheduler:
             sample.status = RequestStatus.RUNNING
             sample.num_computed_tokens = request.num_prompt_tokens - 1
             sample.num_cached_tokens = request.num_cached_tokens
+            self.requests[sample.request_id] = sample
             self.running.append(sample)
         request.pending_forks = []
 
@@ -151,6 +196,10 @@ class Scheduler:
             self.waiting.remove(request)
         request.status = status
         self.kv.forget(request)
+        self.requests.pop(request.request_id, None)
+        self._preempted_req_ids.discard(request.request_id)
+        self._held_by_runner.discard(request.request_id)
+        self._finished_req_ids.add(request.request_id)
 
     def _preempt(self, request: Request) -> None:
         """Free a running request's blocks; it waits at the head of the queue to be recomputed."""
@@ -158,6 +207,8 @@ class Scheduler:
         self.kv.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
-        request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
+        if request.request_id in self._held_by_runner:
+            self._held_by_runner.discard(request.request_id)
+            self._preempted_req_ids.add(request.request_id)

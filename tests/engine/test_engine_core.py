@@ -3,7 +3,7 @@
 import pytest
 
 from pagedserve.config import EngineArgs, create_engine_config
-from pagedserve.core.engine_core import EngineCore
+from pagedserve.engine.engine_core import EngineCore
 from pagedserve.sampling_params import SamplingParams
 
 
@@ -25,7 +25,7 @@ def run_all(engine: EngineCore) -> dict[str, list]:
 
 def all_blocks_free(engine: EngineCore) -> bool:
     stats = engine.stats()
-    return stats["num_kv_blocks_free"] == stats["num_kv_blocks_total"]
+    return stats.num_kv_blocks_free == stats.num_kv_blocks_total
 
 
 def test_a_failing_step_fails_only_its_requests(engine, monkeypatch):
@@ -34,7 +34,7 @@ def test_a_failing_step_fails_only_its_requests(engine, monkeypatch):
     engine.add_request("b", [8, 9], params)
     real_execute = engine.model_runner.execute
 
-    def broken(scheduled):
+    def broken(sched, req_ids):
         raise RuntimeError("kernel exploded")
 
     monkeypatch.setattr(engine.model_runner, "execute", broken)
@@ -47,6 +47,38 @@ def test_a_failing_step_fails_only_its_requests(engine, monkeypatch):
     engine.add_request("c", [5, 6, 7], params)
     outputs = run_all(engine)
     assert sum(len(o.new_token_ids) for o in outputs["c"]) == 4 and outputs["c"][-1].finish_reason == "length"
+
+
+POISON = 13  # a token id whose presence in a step breaks the (patched) model
+
+
+def test_the_request_that_breaks_a_step_fails_alone(engine, monkeypatch):
+    """The step is retried without the culprit (halving the batch): its neighbours get exactly the tokens they
+    get without it, in the same steps."""
+    params = SamplingParams(max_tokens=6, ignore_eos=True, temperature=0)
+    prompts = {f"r{i}": [5 + i, 6, 7 + i, 8] for i in range(5)}
+    for request_id, prompt in prompts.items():
+        engine.add_request(request_id, prompt, params)
+    expected = {k: sum((o.new_token_ids for o in v), []) for k, v in run_all(engine).items()}
+
+    model = engine.model_runner.model
+    real_forward = model.forward
+
+    def forward(input_ids, positions, meta):
+        if (input_ids == POISON).any():
+            raise RuntimeError("poisoned batch")
+        return real_forward(input_ids, positions, meta)
+
+    monkeypatch.setattr(model, "forward", forward)
+    for request_id, prompt in prompts.items():
+        engine.add_request(request_id, prompt, params)
+        if request_id == "r2":
+            engine.add_request("bad", [5, POISON, 7], params)
+    outputs = run_all(engine)
+    assert outputs["bad"][-1].finish_reason == "error" and "poisoned batch" in outputs["bad"][-1].error
+    assert {k: sum((o.new_token_ids for o in v), []) for k, v in outputs.items() if k != "bad"} == expected
+    assert all(v[-1].finish_reason == "length" for k, v in outputs.items() if k != "bad")
+    assert all_blocks_free(engine)
 
 
 def test_abort_mid_generation_frees_blocks(engine):
@@ -63,15 +95,12 @@ def test_duplicate_request_id_is_rejected(engine):
         engine.add_request("a", [6], SamplingParams())
 
 
-def test_prompt_larger_than_the_pool_finishes_with_error(llama_dir):
+def test_prompt_larger_than_the_pool_is_rejected(llama_dir):
     engine = EngineCore(create_engine_config(EngineArgs(llama_dir, dtype="float32", max_model_len=512,
                                                         num_kv_blocks=4)))
-    engine.add_request("big", list(range(5, 105)), SamplingParams(max_tokens=4))
-    engine.add_request("small", [5, 6], SamplingParams(max_tokens=4, ignore_eos=True))
-    outputs = run_all(engine)
-    assert outputs["big"][-1].finish_reason == "error" and "KV cache" in outputs["big"][-1].error
-    assert outputs["small"][-1].finish_reason == "length"
-    assert all_blocks_free(engine)
+    with pytest.raises(ValueError, match="KV cache holds 64"):
+        engine.add_request("big", list(range(5, 105)), SamplingParams(max_tokens=4))
+    assert not engine.has_unfinished_requests() and all_blocks_free(engine)
 
 
 def test_generation_stops_at_pool_capacity(llama_dir):

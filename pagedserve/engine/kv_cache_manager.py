@@ -3,8 +3,8 @@
 import hashlib
 import pickle
 
-from pagedserve.core.block_pool import BlockPool, KVBlock
-from pagedserve.core.request import Request
+from pagedserve.engine.block_pool import BlockPool, KVBlock
+from pagedserve.engine.request import Request
 
 
 def hash_block(parent_hash: bytes | None, token_ids: list[int], extra_keys: tuple = ()) -> bytes:
@@ -34,6 +34,8 @@ class KVCacheManager:
         self.req_num_cached_blocks: dict[str, int] = {}
         # Copy-on-write copies (src block id, dst block id) decided since the last take_block_copies().
         self.block_copies: list[tuple[int, int]] = []
+        # request id -> first index of its block table changed since the last take_table_change().
+        self.table_changed_from: dict[str, int] = {}
         self.prefix_cache_queries = 0  # tokens looked up, once per admission
         self.prefix_cache_hits = 0  # tokens found
 
@@ -102,6 +104,7 @@ class KVCacheManager:
         num_free_hits = sum(1 for block in new_computed_blocks if block.ref_cnt == 0)
         if num_needed + copy_on_write + num_free_hits > self.pool.num_free_blocks:
             return False
+        changed_from = write_index if copy_on_write else len(blocks)
         self.pool.touch(new_computed_blocks)
         blocks.extend(new_computed_blocks)
         if copy_on_write:
@@ -111,6 +114,9 @@ class KVCacheManager:
             blocks[write_index] = copy
         if num_needed:
             blocks.extend(self.pool.allocate(num_needed))
+        if changed_from < len(blocks):
+            previous = self.table_changed_from.get(request.request_id, changed_from)
+            self.table_changed_from[request.request_id] = min(previous, changed_from)
         if self.enable_prefix_caching:
             self._cache_full_blocks(request, blocks, total)
         return True
@@ -124,6 +130,10 @@ class KVCacheManager:
             self.req_block_hashes[child.request_id] = list(self.block_hashes(parent))
             self.req_num_cached_blocks[child.request_id] = self.req_num_cached_blocks.get(parent.request_id, 0)
 
+    def take_table_change(self, request_id: str) -> int | None:
+        """The first index of the request's block table changed since the last call (None: unchanged)."""
+        return self.table_changed_from.pop(request_id, None)
+
     def take_block_copies(self) -> list[tuple[int, int]]:
         copies, self.block_copies = self.block_copies, []
         return copies
@@ -133,6 +143,7 @@ class KVCacheManager:
         blocks = self.req_blocks.pop(request.request_id, [])
         self.pool.free(list(reversed(blocks)))
         self.req_num_cached_blocks.pop(request.request_id, None)
+        self.table_changed_from.pop(request.request_id, None)
 
     def forget(self, request: Request) -> None:
         """Drop everything kept for a finished request (its hashes too)."""

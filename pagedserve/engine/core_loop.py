@@ -1,0 +1,117 @@
+"""The engine's busy loop, wherever it runs: in a thread of the server (`run_engine_loop` over Python queues)
+or in its own process (`engine_process_main`: msgpack over ZeroMQ IPC sockets, as vLLM v1).
+
+Each turn: take the messages that arrived, run one step if there is work, send what came out. A message
+that fails (a request the core rejects, a utility call that raises) answers with an error and the loop
+goes on; a model step that fails fails only the requests that caused it (EngineCore.step). Only a bug in
+the loop itself ends it, and the front end then restarts the engine.
+"""
+
+import logging
+import os
+from collections.abc import Callable
+
+import msgspec
+import zmq
+
+from pagedserve.engine.engine_core import EngineCore
+from pagedserve.engine.protocol import (
+    AbortRequests,
+    AbortSamples,
+    AddRequest,
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    EngineReady,
+    Shutdown,
+    UtilityCall,
+    UtilityResult,
+)
+from pagedserve.engine_args import EngineArgs
+
+logger = logging.getLogger("pagedserve")
+
+UTILITY_METHODS = ("reset_prefix_cache", "stats")
+
+
+def run_engine_loop(
+    core: EngineCore, receive: Callable[[bool], list[EngineCoreRequest]], send: Callable[[EngineCoreOutputs], None]
+) -> None:
+    """Loop until a Shutdown message. `receive(block)` blocks for the next message when the engine is idle,
+    and only drains what is there when it is busy."""
+    while True:
+        messages = receive(not core.has_unfinished_requests())
+        outputs: list[EngineCoreOutput] = []
+        results: list[UtilityResult] = []
+        for message in messages:
+            if isinstance(message, Shutdown):
+                return
+            if isinstance(message, AddRequest):
+                try:
+                    core.add_request(message.request_id, message.prompt_token_ids, message.params, message.cache_salt)
+                except Exception as e:  # the front end validates first; this is the core's own last word
+                    error = str(e) if isinstance(e, ValueError) else f"engine error: {type(e).__name__}: {e}"
+                    outputs.append(EngineCoreOutput(message.request_id, [], finish_reason="error", error=error))
+            elif isinstance(message, AbortRequests):
+                core.abort_requests(message.request_ids)
+            elif isinstance(message, AbortSamples):
+                core.abort_samples(message.samples)
+            elif isinstance(message, UtilityCall):
+                results.append(_call(core, message))
+        if core.has_unfinished_requests():
+            outputs += core.step()
+        if outputs or results or messages:
+            send(EngineCoreOutputs(outputs, core.stats(), results))
+
+
+def _call(core: EngineCore, call: UtilityCall) -> UtilityResult:
+    if call.method not in UTILITY_METHODS:
+        return UtilityResult(call.call_id, error=f"unknown engine method {call.method!r}")
+    try:
+        return UtilityResult(call.call_id, getattr(core, call.method)())
+    except Exception as e:
+        logger.exception("engine call %s failed", call.method)
+        return UtilityResult(call.call_id, error=f"{type(e).__name__}: {e}")
+
+
+def engine_process_main(engine_args: EngineArgs, input_path: str, output_path: str) -> None:
+    """Entry point of the core process: build the engine, say ready (or why not), then run the loop."""
+    from pagedserve.config import create_engine_config
+
+    context = zmq.Context()
+    inputs = context.socket(zmq.PULL)
+    inputs.connect(input_path)
+    outputs = context.socket(zmq.PUSH)
+    outputs.connect(output_path)
+    encoder = msgspec.msgpack.Encoder()
+    try:
+        try:
+            core = EngineCore(create_engine_config(engine_args))
+        except Exception as e:  # the front end reports it in one line; the traceback is for --log-level debug
+            logger.debug("engine start-up failed", exc_info=True)
+            error = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+            outputs.send(encoder.encode(EngineReady(error=error)))
+            return
+        outputs.send(encoder.encode(EngineReady(limits=core.limits)))
+        decoder = msgspec.msgpack.Decoder(EngineCoreRequest)
+
+        parent = os.getppid()
+
+        def receive(block: bool) -> list[EngineCoreRequest]:
+            """Never waits for a front end that is gone (killed, say): the engine then stops."""
+            if os.getppid() != parent:
+                return [Shutdown()]
+            if block:
+                while not inputs.poll(1000):
+                    if os.getppid() != parent:
+                        return [Shutdown()]
+            messages = []
+            while inputs.poll(0):
+                messages.append(decoder.decode(inputs.recv()))
+            return messages
+
+        run_engine_loop(core, receive, lambda out: outputs.send(encoder.encode(out)))
+    finally:
+        inputs.close(linger=0)
+        outputs.close(linger=1000)  # let the last outputs (and EngineReady errors) reach the front end
+        context.term()

@@ -1,0 +1,255 @@
+"""The busy loop's body: add_request / abort / step() = schedule -> execute -> sample -> update.
+
+A request with n > 1 is n sample `Request`s (ids f"{request_id}#{index}"): the first computes the
+prompt, the others fork from its blocks when it is done (see Scheduler.fork). Outputs carry the
+caller's request id and the sample's index.
+
+A request with `structured_outputs` waits in the queue until its grammar is compiled (in the background, see
+StructuredOutputManager); each step the manager fills the token bitmask of the constrained rows that sample
+while the forward runs, and each accepted token advances the sample's matcher; the grammar's end finishes it.
+"""
+
+import logging
+from typing import cast
+
+from pagedserve.config import EngineConfig
+from pagedserve.engine.kv_cache_manager import KVCacheManager
+from pagedserve.engine.protocol import EngineCoreOutput, EngineStats, ModelLimits, validate_request
+from pagedserve.engine.request import Request, RequestStatus
+from pagedserve.engine.scheduler import Scheduler, SchedulerOutput
+from pagedserve.engine.structured_output.manager import StructuredOutputManager
+from pagedserve.model_executor.model_runner import ModelRunner, ModelRunnerOutput
+from pagedserve.sampling_params import SamplingParams
+
+logger = logging.getLogger("pagedserve")
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_runner = ModelRunner(config)
+        num_blocks = self.model_runner.num_kv_blocks
+        self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_batched_tokens, config.max_num_seqs)
+        self.limits = ModelLimits(
+            vocab_size=config.hf_config.vocab_size, max_model_len=config.max_model_len,
+            max_num_seqs=config.max_num_seqs, kv_cache_tokens=num_blocks * config.block_size,
+            structured_outputs_backend=config.structured_outputs_backend,
+        )
+        self.requests: dict[str, list[Request]] = {}  # the caller's id -> its unfinished samples
+        self.eos_token_id = _eos_token_id(config)
+        self.structured_output = StructuredOutputManager(config, self.eos_token_id)
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        cache_salt: str | None = None,
+    ) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        validate_request(self.limits, prompt_token_ids, sampling_params)
+        if sampling_params.structured_outputs is not None:
+            self.structured_output.validate(sampling_params.structured_outputs)
+        kv_variant = self.model_runner.model.kv_variant(len(prompt_token_ids))
+        samples = [
+            Request(
+                f"{request_id}#{index}", list(prompt_token_ids), _sample_params(sampling_params, index),
+                self.eos_token_id, self.limits.max_total_tokens, cache_salt=cache_salt, kv_variant=kv_variant,
+                client_request_id=request_id, index=index,
+            )
+            for index in range(sampling_params.n)
+        ]
+        samples[0].pending_forks = samples[1:]
+        self.requests[request_id] = samples
+        if sampling_params.structured_outputs is not None:
+            self.structured_output.add_request(samples[0])
+        self.scheduler.add_request(samples[0])
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        """Abort every sample of each request (unknown or finished ids are ignored)."""
+        for request_id in request_ids:
+            for sample in list(self.requests.get(request_id, ())):
+                self._finish(sample, RequestStatus.FINISHED_ABORTED)
+
+    def abort_samples(self, samples: list[tuple[str, int]]) -> None:
+        """Abort single samples, as (request id, index): e.g. the one a stop string ended in the front end."""
+        for request_id, index in samples:
+            sample = next((s for s in self.requests.get(request_id, ()) if s.index == index), None)
+            if sample is None:
+                continue
+            if sample.pending_forks:  # the others were to fork from it: the next one computes the prompt
+                successor, *rest = sample.pending_forks
+                successor.pending_forks, sample.pending_forks = rest, []
+                if sample.status == RequestStatus.WAITING_FOR_GRAMMAR:
+                    self.structured_output.add_request(successor)
+                self.scheduler.add_request(successor)
+            self._finish(sample, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[EngineCoreOutput]:
+        outputs = self._admit_compiled()
+        sched = self.scheduler.schedule()
+        if not sched.num_scheduled_tokens:
+            if self.structured_output.compiling:  # nothing to run until a grammar is ready
+                self.structured_output.wait_for_compile(timeout=0.05)
+            return outputs
+        sampling = [req_id for req_id, num_new in sched.num_scheduled_tokens.items()
+                    if self._samples(self.scheduler.requests[req_id], num_new)]
+        sched.banned_token_ids = self._banned_token_ids(sampling)
+        # Filled on a thread while the forward runs (the forward releases the GIL); the runner waits for it
+        # before sampling.
+        sched.grammar_bitmask = self.structured_output.start_bitmask(sampling)
+        self.model_runner.update_states(sched)
+        result, errors = self._execute(sched, list(sched.num_scheduled_tokens))
+        if sched.grammar_bitmask is not None:  # the runner waited for it, unless the step failed before sampling
+            sched.grammar_bitmask.wait()
+        for req_id, message in errors.items():
+            request = self.scheduler.requests[req_id]
+            # Blocks this step was to fill may hold stale K/V: they must not be found as prefix hits.
+            self.kv_cache_manager.uncache(request)
+            outputs += self._fail(request, message)
+        return outputs + self._update(sched, result)
+
+    def _execute(self, sched: SchedulerOutput, req_ids: list[str]) -> tuple[ModelRunnerOutput, dict[str, str]]:
+        """Run the step for `req_ids`. If it raises, run each half again, down to single requests: the
+        requests whose data caused the fault fail (req id -> message), all the others run as usual."""
+        try:
+            return self.model_runner.execute(sched, req_ids), {}
+        except Exception as e:
+            if len(req_ids) == 1:
+                logger.exception("model step failed for request %s; failing it", req_ids[0])
+                return ModelRunnerOutput(), {req_ids[0]: f"engine error: {type(e).__name__}: {e}"}
+        middle = len(req_ids) // 2
+        result, errors = self._execute(sched, req_ids[:middle])
+        second, second_errors = self._execute(sched, req_ids[middle:])
+        result.sampled_token_ids.update(second.sampled_token_ids)
+        result.logprobs.update(second.logprobs)
+        return result, errors | second_errors
+
+    def _admit_compiled(self) -> list[EngineCoreOutput]:
+        """Requests whose grammar is compiled may now be scheduled; those whose grammar failed fail."""
+        outputs = []
+        for request, error in self.structured_output.take_compiled():
+            if error is None:
+                request.status = RequestStatus.WAITING
+            else:
+                outputs += self._fail(request, error)
+        return outputs
+
+    @staticmethod
+    def _samples(request: Request, num_new: int) -> bool:
+        """This step's chunk reaches the request's last token: it samples the next one."""
+        return request.num_computed_tokens + num_new == request.num_tokens
+
+    def _banned_token_ids(self, sampling: list[str]) -> dict[str, list[int]]:
+        """EOS and stop token ids may not be sampled before min_tokens are out."""
+        banned = {}
+        for req_id in sampling:
+            request = self.scheduler.requests[req_id]
+            params = request.sampling_params
+            if request.num_output_tokens < params.min_tokens:
+                stop_ids = list(cast(list[int], params.stop_token_ids))  # SamplingParams makes it a list
+                banned[req_id] = stop_ids + ([request.eos_token_id] if request.eos_token_id is not None else [])
+        return banned
+
+    def _update(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        outputs = []
+        for req_id, num_new in sched.num_scheduled_tokens.items():
+            request = self.scheduler.requests.get(req_id)
+            if request is None:  # failed this step
+                continue
+            request.num_computed_tokens += num_new
+            token_id = result.sampled_token_ids.get(req_id)
+            if token_id is None:  # a prefill chunk that does not reach the end yet
+                continue
+            if request.pending_forks:  # its prompt is computed: its other samples start from its blocks
+                self.scheduler.fork(request)
+            request.output_token_ids.append(token_id)
+            status = self._check_stop(request, token_id)
+            matcher = self.structured_output.matchers.get(req_id)
+            if matcher is not None:
+                if not matcher.accept_tokens([token_id]):  # the mask allowed only what the grammar takes
+                    outputs += self._fail(request, f"structured_outputs: the grammar rejected token {token_id}")
+                    continue
+                if matcher.is_terminated():  # it accepted the stop token where the grammar ends
+                    status = RequestStatus.FINISHED_STOPPED
+            logprobs = result.logprobs.get(req_id)
+            output = EngineCoreOutput(
+                request.client_request_id, [token_id], [logprobs] if logprobs is not None else None,
+                num_cached_tokens=request.num_cached_tokens, index=request.index,
+            )
+            if status is not None:
+                self._finish(request, status)
+                output.finish_reason, output.stop_reason = status.finish_reason, request.stop_reason
+            outputs.append(output)
+        return outputs
+
+    def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens:
+            if token_id == request.eos_token_id and not params.ignore_eos:
+                return RequestStatus.FINISHED_STOPPED
+            if token_id in cast(list[int], params.stop_token_ids):
+                request.stop_reason = token_id
+                return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= request.max_output_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        self.scheduler.finish(request, status)
+        self.structured_output.remove(request.request_id)
+        samples = self.requests.get(request.client_request_id)
+        if samples is not None and request in samples:
+            samples.remove(request)
+            if not samples:
+                del self.requests[request.client_request_id]
+
+    def _fail(self, request: Request, message: str) -> list[EngineCoreOutput]:
+        """Finish a request with an error, and the samples that were to fork from it."""
+        outputs = []
+        for sample in [request, *request.pending_forks]:
+            sample.error = message
+            self._finish(sample, RequestStatus.FINISHED_ERROR)
+            outputs.append(EngineCoreOutput(
+                sample.client_request_id, [], finish_reason="error", error=message, index=sample.index,
+            ))
+        return outputs
+
+    def reset_prefix_cache(self) -> bool:
+        return self.kv_cache_manager.reset_prefix_cache()
+
+    def stats(self) -> EngineStats:
+        kv = self.kv_cache_manager
+        return EngineStats(
+            num_kv_blocks_total=kv.pool.num_blocks,
+            num_kv_blocks_free=kv.num_free_blocks,
+            block_size=kv.block_size,
+            num_requests_running=len(self.scheduler.running),
+            num_requests_waiting=len(self.scheduler.waiting),
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=kv.prefix_cache_queries,
+            prefix_cache_hits=kv.prefix_cache_hits,
+        )
+
+
+def _sample_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Sample `index` of an n > 1 request: n=1, and seed + index if the request is seeded (as vLLM)."""
+    if params.n == 1:
+        return params
+    sample = params.clone()
+    sample.n = 1
+    if sample.seed is not None:
+        sample.seed += index
+    return sample
+
+
+def _eos_token_id(config: EngineConfig) -> int | None:
+    eos = getattr(config.hf_config, "eos_token_id", None)
+    if isinstance(eos, list):
+        return eos[0] if eos else None
+    return eos

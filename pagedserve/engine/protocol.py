@@ -1,0 +1,149 @@
+"""What crosses the engine boundary: messages in, outputs and typed stats out, and the request checks both
+sides share. Imports neither torch nor transformers, so a front end (or another process) that only talks to
+the engine stays light.
+
+The front end validates a request with `validate_request` before sending it, so bad input is a synchronous
+`ValueError` (HTTP 400); the engine core runs the same check again as its own last word.
+"""
+
+import msgspec
+
+from pagedserve.sampling_params import SamplingParams
+
+# Logprobs of one sampled position: token id -> (logprob, rank). The sampled token is always present.
+TokenLogprobs = dict[int, tuple[float, int]]
+
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's upper bound
+
+
+class ModelLimits(msgspec.Struct, frozen=True):
+    """What a request is checked against: the model's vocabulary and the engine's sizes."""
+
+    vocab_size: int
+    max_model_len: int
+    max_num_seqs: int
+    kv_cache_tokens: int  # the whole KV pool, in tokens
+    structured_outputs_backend: str = "auto"  # which grammar backend checks and compiles constraints
+
+    @property
+    def max_total_tokens(self) -> int:
+        """Longest sequence a request may grow to: max_model_len, or the whole KV pool if smaller."""
+        return min(self.max_model_len, self.kv_cache_tokens)
+
+
+def validate_request(limits: ModelLimits, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    """What the engine cannot run, as a ValueError naming the field."""
+    if not prompt_token_ids:
+        raise ValueError("the prompt is empty: at least one token is needed")
+    vocab = limits.vocab_size
+    if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
+        raise ValueError(f"prompt token ids must be in [0, {vocab}), got {min(prompt_token_ids)}..."
+                         f"{max(prompt_token_ids)}")
+    num_prompt = len(prompt_token_ids)
+    if num_prompt >= limits.max_model_len:
+        raise ValueError(f"the prompt has {num_prompt} tokens, but max_model_len is {limits.max_model_len}: "
+                         "no room to generate")
+    if num_prompt >= limits.kv_cache_tokens:
+        raise ValueError(f"the prompt has {num_prompt} tokens, but the whole KV cache holds "
+                         f"{limits.kv_cache_tokens}: no room to generate")
+    for name, token_ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias)):
+        bad = [t for t in token_ids or () if t >= vocab]
+        if bad:
+            raise ValueError(f"{name} has token id {bad[0]}, outside the vocabulary [0, {vocab})")
+    n, seed = params.n, params.seed
+    if n > limits.max_num_seqs:
+        raise ValueError(f"n={n} samples cannot run together: max_num_seqs is {limits.max_num_seqs}")
+    if seed is not None and seed + n - 1 > MAX_SEED:
+        raise ValueError(f"sample seeds seed + i must be at most {MAX_SEED}, got seed={seed} with n={n}")
+    if params.prompt_logprobs is not None:
+        raise ValueError("prompt_logprobs is not supported yet")
+
+
+# ---- front end -> engine ---------------------------------------------------------------------------------
+
+
+class AddRequest(msgspec.Struct, tag=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    cache_salt: str | None = None
+
+
+class AbortRequests(msgspec.Struct, tag=True):
+    request_ids: list[str]
+
+
+class AbortSamples(msgspec.Struct, tag=True):
+    """Single samples of n > 1 requests, as (request id, index)."""
+
+    samples: list[tuple[str, int]]
+
+
+class UtilityCall(msgspec.Struct, tag=True):
+    """Call an EngineCore method by name (e.g. reset_prefix_cache); the result comes back with an output."""
+
+    call_id: int
+    method: str
+
+
+class Shutdown(msgspec.Struct, tag=True):
+    pass
+
+
+EngineCoreRequest = AddRequest | AbortRequests | AbortSamples | UtilityCall | Shutdown
+
+
+# ---- engine -> front end ---------------------------------------------------------------------------------
+
+
+class EngineCoreOutput(msgspec.Struct):
+    """What one sample of a request got in one step (the caller's request id and the sample's index)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+    error: str | None = None
+    index: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class EngineStats(msgspec.Struct):
+    """The engine's state after a step. Counters (`num_preemptions`, `prefix_cache_*`) are cumulative."""
+
+    num_kv_blocks_total: int = 0
+    num_kv_blocks_free: int = 0
+    block_size: int = 0
+    num_requests_running: int = 0
+    num_requests_waiting: int = 0
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up, once per admission
+    prefix_cache_hits: int = 0  # of them, found in the cache
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return 1.0 - self.num_kv_blocks_free / self.num_kv_blocks_total if self.num_kv_blocks_total else 0.0
+
+
+class UtilityResult(msgspec.Struct):
+    call_id: int
+    result: bool | EngineStats | None = None
+    error: str | None = None  # the call raised
+
+
+class EngineCoreOutputs(msgspec.Struct):
+    outputs: list[EngineCoreOutput]
+    stats: EngineStats
+    utility_results: list[UtilityResult] = []
+
+
+class EngineReady(msgspec.Struct):
+    """First message from a core process: it has loaded the model (its limits), or failed to (`error`)."""
+
+    limits: ModelLimits | None = None
+    error: str | None = None

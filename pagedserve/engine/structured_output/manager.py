@@ -1,0 +1,153 @@
+"""The engine core's grammar state, kept beside the scheduler: compiled grammars, one matcher per sample, and each
+step's token bitmask.
+
+It lives in the engine core, not the model runner, because a matcher follows exactly the tokens the core
+accepts, and only the core knows which those are (stop checks, aborts, n > 1 samples, preemption: a preempted
+request recomputes its tokens but keeps them, so its matcher stays where it was). The runner gets only the
+bitmask, attached to the step's SchedulerOutput. The tokenizer is loaded on the first constrained request.
+"""
+
+import logging
+import math
+import os
+import threading
+import time
+from collections import OrderedDict
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from pagedserve.config import EngineConfig
+from pagedserve.engine.request import Request, RequestStatus
+from pagedserve.engine.structured_output.backend import GrammarBackend, GrammarMatcher, backend_class, choose_backend
+from pagedserve.sampling_params import StructuredOutputsParams
+
+logger = logging.getLogger("pagedserve")
+
+COMPILE_TIMEOUT_S = 60.0  # a request whose grammar takes longer fails (the compile itself cannot be stopped)
+GRAMMAR_CACHE_SIZE = 64  # compiled grammars kept, least recently used out first (a JSON one: ~1 MB at 49k tokens)
+
+
+@dataclass
+class GrammarBitmask:
+    """A step's token bitmask for the rows that sample under a grammar: `rows[req_id]` is that request's row.
+    It is filled on a thread while the forward runs; `tensor()` waits for it."""
+
+    rows: dict[str, int]
+    filled: Future  # of the int32 [len(rows), ceil(vocab_size / 32)] CPU tensor
+
+    def tensor(self) -> torch.Tensor:
+        return self.filled.result()
+
+    def wait(self) -> None:
+        """Until the fill has ended, well or not: then no matcher is read any more."""
+        futures.wait([self.filled])
+
+
+class StructuredOutputManager:
+    def __init__(self, config: EngineConfig, eos_token_id: int | None) -> None:
+        self.config = config
+        self.eos_token_id = eos_token_id
+        self.matchers: dict[str, GrammarMatcher] = {}  # by sample, from the moment its grammar is compiled
+        self.compiling: dict[str, tuple[Request, Future, float]] = {}  # request, its compile, since when
+        self._grammars: OrderedDict[tuple[str, str], Future] = OrderedDict()  # (constraint, backend) -> compile
+        self._backends: dict[str, GrammarBackend] = {}
+        self._backends_lock = threading.Lock()
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self.vocab_size = 0  # the bitmask's width in bits, once the tokenizer is loaded
+        self._bitmask: torch.Tensor | None = None  # [max_num_seqs, ceil(vocab_size / 32)], reused every step
+        self._compile_pool = ThreadPoolExecutor(max(1, (os.cpu_count() or 2) // 4), "grammar-compile")
+        self._fill_pool = ThreadPoolExecutor(1, "grammar-bitmask")
+
+    def validate(self, params: StructuredOutputsParams) -> str:
+        """The backend for the constraint, or a ValueError naming what is wrong with it."""
+        return choose_backend(params, self.config.structured_outputs_backend)
+
+    def add_request(self, request: Request) -> None:
+        """Compile the request's grammar in the background (or find it in the cache: a compile that failed is
+        tried again); the request waits in the queue (WAITING_FOR_GRAMMAR) until `take_compiled` says so."""
+        params = request.sampling_params.structured_outputs
+        assert params is not None, "not a constrained request"
+        key = (params.key(), self.validate(params))
+        grammar = self._grammars.get(key)
+        if grammar is None or (grammar.done() and grammar.exception() is not None):
+            grammar = self._grammars[key] = self._compile_pool.submit(self._compile, params, key[1])
+            if len(self._grammars) > GRAMMAR_CACHE_SIZE:
+                self._grammars.popitem(last=False)
+        self._grammars.move_to_end(key)
+        self.compiling[request.request_id] = (request, grammar, time.monotonic())
+        request.status = RequestStatus.WAITING_FOR_GRAMMAR
+
+    def take_compiled(self) -> list[tuple[Request, str | None]]:
+        """The waiting requests whose compile ended: (request, None) once each of its samples has its matcher,
+        (request, error message) if it failed or took longer than COMPILE_TIMEOUT_S."""
+        ended = []
+        now = time.monotonic()
+        for req_id, (request, grammar, since) in list(self.compiling.items()):
+            if not grammar.done() and now - since < COMPILE_TIMEOUT_S:
+                continue
+            del self.compiling[req_id]
+            error = None
+            if not grammar.done():
+                error = f"structured_outputs: the grammar did not compile within {COMPILE_TIMEOUT_S:.0f} s"
+            elif grammar.exception() is not None:
+                e = grammar.exception()
+                error = str(e) if isinstance(e, ValueError) else f"structured_outputs: compiling failed: {e!r}"
+            else:
+                backend, compiled = grammar.result()
+                for sample in [request, *request.pending_forks]:
+                    self.matchers[sample.request_id] = backend.new_matcher(compiled)
+            ended.append((request, error))
+        return ended
+
+    def wait_for_compile(self, timeout: float) -> None:
+        """Block until some grammar is compiled, at most `timeout` s: an engine with nothing else to do waits
+        here instead of spinning (and taking the CPU the compile needs)."""
+        futures.wait([grammar for _, grammar, _ in self.compiling.values()], timeout, futures.FIRST_COMPLETED)
+
+    def remove(self, request_id: str) -> None:
+        self.matchers.pop(request_id, None)
+        self.compiling.pop(request_id, None)
+
+    def start_bitmask(self, req_ids: list[str]) -> GrammarBitmask | None:
+        """Start filling the bitmask of the constrained requests among `req_ids` (the rows that sample this step);
+        None if there are none."""
+        matchers = {req_id: self.matchers[req_id] for req_id in req_ids if req_id in self.matchers}
+        if not matchers:
+            return None
+        if self._bitmask is None:
+            self._bitmask = torch.empty(self.config.max_num_seqs, math.ceil(self.vocab_size / 32), dtype=torch.int32)
+        bitmask = self._bitmask[: len(matchers)]
+        filled = self._fill_pool.submit(_fill, list(matchers.values()), bitmask)
+        return GrammarBitmask({req_id: row for row, req_id in enumerate(matchers)}, filled)
+
+    def _compile(self, params: StructuredOutputsParams, backend_name: str) -> tuple[GrammarBackend, Any]:
+        backend = self._backend(backend_name)
+        start = time.perf_counter()
+        compiled = backend.compile(params)
+        logger.debug("compiled a %s grammar with %s in %.1f ms", params.kind, backend_name,
+                     (time.perf_counter() - start) * 1e3)
+        return backend, compiled
+
+    def _backend(self, name: str) -> GrammarBackend:
+        with self._backends_lock:
+            if name not in self._backends:
+                tokenizer = self._tokenizer
+                if tokenizer is None:
+                    from pagedserve.frontend.tokenizer import load_tokenizer
+
+                    tokenizer = self._tokenizer = load_tokenizer(self.config)
+                    # The logits may be wider than the tokenizer (a padded vocabulary): ids past it never pass.
+                    self.vocab_size = max(self.config.hf_config.vocab_size, len(tokenizer))
+                self._backends[name] = backend_class(name)(tokenizer, self.vocab_size, self.eos_token_id)
+            return self._backends[name]
+
+
+def _fill(matchers: list[GrammarMatcher], bitmask: torch.Tensor) -> torch.Tensor:
+    for row, matcher in enumerate(matchers):
+        matcher.fill_bitmask(bitmask, row)
+    return bitmask

@@ -1,0 +1,79 @@
+"""A real `pagedserve serve` process on a free loopback port, as clients see it, and error-shape checks."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+TINY = ("--dtype", "float32", "--max-model-len", "256", "--num-kv-blocks", "256")  # for the tiny checkpoints
+
+
+class ServerProcess:
+    def __init__(self, model: str | None, *flags: str, sizes: tuple[str, ...] = TINY) -> None:
+        """`model` None: the default model."""
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        args = [sys.executable, "-m", "pagedserve.entrypoints.cli", "serve", *([model] if model else []),
+                "--port", str(self.port), *sizes, "--log-interval", "1", *flags]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log")  # a pipe nobody reads would fill and block
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env, text=True)
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.proc.kill()
+        raise RuntimeError("server did not become ready")
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def metrics(self) -> dict[str, float]:
+        """/metrics -> {sample name: value summed over labels}, parsed by prometheus_client."""
+        values: dict[str, float] = {}
+        for family in text_string_to_metric_families(httpx.get(f"{self.url}/metrics").text):
+            for sample in family.samples:
+                values[sample.name] = values.get(sample.name, 0.0) + sample.value
+        return values
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+def assert_error(resp: httpx.Response, status: int, fragment: str) -> dict:
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert fragment in error["message"], error["message"]
+    return error
