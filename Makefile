@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/throughput.py --output BENCHMARKS.md
 	$(PY) benchmarks/serving.py --output BENCHMARKS.md
 	$(PY) benchmarks/multi_turn.py --output BENCHMARKS.md
+	$(PY) benchmarks/structured_output.py --output BENCHMARKS.md
 
 # vLLM (CPU build) and llama.cpp in their own venvs under .peers/ (installed once), then the same sweep
 # and the agent workload against each, one server at a time.

@@ -115,3 +115,31 @@ def test_bad_input_raises_value_error(args):
             await engine.shutdown()
 
     run(main())
+
+
+def test_a_request_that_cannot_be_sent_leaves_nothing_behind(args):
+    """If handing a request to the engine fails (an encoder error, say), it holds no waiting slot and no
+    stream: a handful of them cannot fill the bounded queue."""
+
+    async def main():
+        engine = AsyncLLM(args, "thread", max_waiting_requests=0)
+        await engine.start()
+        try:
+            real_send = engine.client.send
+
+            def broken(message):
+                raise OverflowError("cannot encode")
+
+            engine.client.send = broken
+            for i in range(5):
+                with pytest.raises(OverflowError):
+                    engine.add_request("x", SamplingParams(max_tokens=2), f"r{i}")
+            assert engine.num_unfinished_requests == 0 and not engine.streams
+            engine.client.send = real_send
+            outputs = [out async for out in engine.generate("x", SamplingParams(max_tokens=2), "ok")]
+            return outputs[-1]
+        finally:
+            await engine.shutdown()
+
+    final = run(main())
+    assert final.finished and len(final.outputs[0].token_ids) == 2
