@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar, TypeVar
 
-from .scanning import NeedMore, find_marker
+from .scanning import NeedMore, find_marker, first_non_space
 
 T = TypeVar("T")
 
@@ -169,6 +169,25 @@ class ToolParser(ABC):
             return None
         self._hold(pos - len(content) + len(marker))
         return marker
+
+    def _after_list_item(
+        self, final: bool, next_call: Callable[[bool], bool], closed: Callable[[bool], bool],
+        otherwise: Callable[[bool], bool],
+    ) -> bool:
+        """State after a call in a list of calls: `,` goes on to `next_call`, `]` to `closed`, anything else
+        means the list is not calls after all (`otherwise`, with what was held given back as content)."""
+        pos = self._match(first_non_space, final)
+        char = "" if pos is None else self._buf[pos]
+        if pos is not None and char == ",":
+            self._hold(pos + 1)
+            self._state = next_call
+        elif pos is not None and char == "]":
+            self._take(pos + 1)
+            self._state = closed
+        else:
+            self._give_back()
+            self._state = otherwise
+        return True
 
     def _send_content(self, text: str) -> None:
         if self._after_call:

@@ -10,7 +10,7 @@ enough). [TOOL_CALLS] is a special token, so the detokenizer must keep special t
 import string
 
 from .json_call import JsonCallParser
-from .scanning import Cursor, first_non_space
+from .scanning import Cursor
 
 MARKER, ARGS = "[TOOL_CALLS]", "[ARGS]"
 _NAME_CHARS = string.ascii_letters + string.digits + "_-."
@@ -80,18 +80,7 @@ class MistralToolParser(JsonCallParser):
 
     def _list_separator(self, final: bool) -> bool:
         """State: after a call in the list: `,` and the next call, or `]`."""
-        pos = self._match(first_non_space, final)
-        char = "" if pos is None else self._buf[pos]
-        if pos is not None and char == ",":
-            self._hold(pos + 1)
-            self._state = self._call
-        elif pos is not None and char == "]":
-            self._take(pos + 1)
-            self._state = self._start
-        else:
-            self._give_back()
-            self._state = self._not_a_call
-        return True
+        return self._after_list_item(final, self._call, self._start, self._not_a_call)
 
     @classmethod
     def structural_tag(cls, tools: list[dict]) -> None:

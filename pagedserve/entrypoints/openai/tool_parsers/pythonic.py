@@ -15,7 +15,7 @@ import string
 from dataclasses import dataclass
 
 from .base import ToolParser
-from .scanning import Cursor, NeedMore, first_non_space
+from .scanning import Cursor, NeedMore
 
 START, END = "<|python_start|>", "<|python_end|>"
 _NAME_CHARS = string.ascii_letters + string.digits + "_"
@@ -148,18 +148,7 @@ class PythonicToolParser(ToolParser):
 
     def _separator(self, final: bool) -> bool:
         """State: after a call: `,` and the next call, or `]`."""
-        pos = self._match(first_non_space, final)
-        char = "" if pos is None else self._buf[pos]
-        if pos is not None and char == ",":
-            self._hold(pos + 1)
-            self._state = self._call
-        elif pos is not None and char == "]":
-            self._take(pos + 1)
-            self._state = self._list_closed
-        else:
-            self._give_back()
-            self._state = self._content
-        return True
+        return self._after_list_item(final, self._call, self._list_closed, self._content)
 
     def _list_closed(self, final: bool) -> bool:
         """State: after `]`: drop a <|python_end|>; anything else is content."""
