@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from pagedserve.engine_args import EngineArgs
+from pagedserve.engine_args import SCHEDULING_POLICIES, EngineArgs
 from pagedserve.model_executor import gguf_loader
 from pagedserve.model_files import resolve_model
 
@@ -33,6 +33,7 @@ class EngineConfig:
     # Default sampling settings from the checkpoint's generation_config.json, by SamplingParams name.
     generation_defaults: dict[str, float | int]
     structured_outputs_backend: str  # "xgrammar", "guidance" or "auto"
+    scheduling_policy: str
 
 
 def cpu_supports_bf16() -> bool:
@@ -91,6 +92,8 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
     max_num_batched_tokens = args.max_num_batched_tokens or 2048
     if max_num_batched_tokens <= 0:
         raise ValueError(f"max_num_batched_tokens must be positive, got {max_num_batched_tokens}")
+    if args.scheduling_policy not in SCHEDULING_POLICIES:
+        raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {args.scheduling_policy!r}")
     num_kv_blocks = args.num_kv_blocks or args.num_gpu_blocks_override
     if num_kv_blocks is not None and num_kv_blocks <= 0:
         raise ValueError(f"num_kv_blocks must be positive, got {num_kv_blocks}")
@@ -111,6 +114,7 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         seed=args.seed,
         generation_defaults=generation_defaults(args.generation_config, model_path, gguf_path),
         structured_outputs_backend=structured_outputs_backend(args.structured_outputs_config),
+        scheduling_policy=args.scheduling_policy,
     )
 
 

@@ -3,6 +3,8 @@ process before the front end pays for torch and transformers."""
 
 from dataclasses import dataclass, fields
 
+SCHEDULING_POLICIES = ("fcfs", "priority", "session")
+
 
 @dataclass
 class EngineArgs:
@@ -22,6 +24,7 @@ class EngineArgs:
     device: str = "auto"
     generation_config: str = "auto"  # sampling defaults: "auto" (the model's generation_config.json), "vllm", a dir
     structured_outputs_config: dict | None = None  # {"backend": "xgrammar" | "guidance" | "auto"}, as vLLM
+    scheduling_policy: str = "fcfs"  # "fcfs", "priority" (vLLM's) or "session" (program-level, agent sessions)
 
     @classmethod
     def field_names(cls) -> set[str]:

@@ -17,13 +17,13 @@ import zmq
 from pagedserve.engine.engine_core import EngineCore
 from pagedserve.engine.protocol import (
     AbortRequests,
-    AbortSamples,
     AddRequest,
     EngineCoreOutput,
     EngineCoreOutputs,
     EngineCoreRequest,
     EngineReady,
     Shutdown,
+    StopSamples,
     UtilityCall,
     UtilityResult,
 )
@@ -31,7 +31,7 @@ from pagedserve.engine_args import EngineArgs
 
 logger = logging.getLogger("pagedserve")
 
-UTILITY_METHODS = ("reset_prefix_cache", "stats")
+UTILITY_METHODS = ("reset_prefix_cache", "stats", "close_session")
 
 
 def run_engine_loop(
@@ -48,14 +48,15 @@ def run_engine_loop(
                 return
             if isinstance(message, AddRequest):
                 try:
-                    core.add_request(message.request_id, message.prompt_token_ids, message.params, message.cache_salt)
+                    core.add_request(message.request_id, message.prompt_token_ids, message.params, message.cache_salt,
+                                     message.session_id, message.kv_retention_s, message.priority)
                 except Exception as e:  # the front end validates first; this is the core's own last word
                     error = str(e) if isinstance(e, ValueError) else f"engine error: {type(e).__name__}: {e}"
                     outputs.append(EngineCoreOutput(message.request_id, [], finish_reason="error", error=error))
             elif isinstance(message, AbortRequests):
                 core.abort_requests(message.request_ids)
-            elif isinstance(message, AbortSamples):
-                core.abort_samples(message.samples)
+            elif isinstance(message, StopSamples):
+                core.stop_samples(message.samples)
             elif isinstance(message, UtilityCall):
                 results.append(_call(core, message))
         if core.has_unfinished_requests():
@@ -68,7 +69,7 @@ def _call(core: EngineCore, call: UtilityCall) -> UtilityResult:
     if call.method not in UTILITY_METHODS:
         return UtilityResult(call.call_id, error=f"unknown engine method {call.method!r}")
     try:
-        return UtilityResult(call.call_id, getattr(core, call.method)())
+        return UtilityResult(call.call_id, getattr(core, call.method)(*call.args))
     except Exception as e:
         logger.exception("engine call %s failed", call.method)
         return UtilityResult(call.call_id, error=f"{type(e).__name__}: {e}")

@@ -14,9 +14,9 @@ from typing import cast
 
 from pagedserve.config import EngineConfig
 from pagedserve.engine.kv_cache_manager import KVCacheManager
-from pagedserve.engine.protocol import EngineCoreOutput, EngineStats, ModelLimits, validate_request
+from pagedserve.engine.protocol import EngineCoreOutput, EngineStats, ModelLimits, validate_request, validate_session
 from pagedserve.engine.request import Request, RequestStatus
-from pagedserve.engine.scheduler import Scheduler, SchedulerOutput
+from pagedserve.engine.scheduler import Scheduler, SchedulerOutput, make_policy
 from pagedserve.engine.structured_output.manager import StructuredOutputManager
 from pagedserve.model_executor.model_runner import ModelRunner, ModelRunnerOutput
 from pagedserve.sampling_params import SamplingParams
@@ -30,7 +30,10 @@ class EngineCore:
         self.model_runner = ModelRunner(config)
         num_blocks = self.model_runner.num_kv_blocks
         self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_batched_tokens, config.max_num_seqs)
+        self.sessions = self.kv_cache_manager.sessions
+        self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_batched_tokens, config.max_num_seqs,
+                                   make_policy(config.scheduling_policy, self.sessions))
+        self.num_arrivals = 0
         self.limits = ModelLimits(
             vocab_size=config.hf_config.vocab_size, max_model_len=config.max_model_len,
             max_num_seqs=config.max_num_seqs, kv_cache_tokens=num_blocks * config.block_size,
@@ -46,10 +49,17 @@ class EngineCore:
         prompt_token_ids: list[int],
         sampling_params: SamplingParams,
         cache_salt: str | None = None,
+        session_id: str | None = None,
+        kv_retention_s: float | None = None,
+        priority: int = 0,
     ) -> None:
+        """`session_id`: the agent session the request belongs to (its KV is kept for the session's next turn,
+        see sessions.py); `kv_retention_s`: how long (None: the engine's guess, 0: not kept); `priority`: lower
+        runs first under the priority policy."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         validate_request(self.limits, prompt_token_ids, sampling_params)
+        validate_session(session_id, kv_retention_s, priority)
         if sampling_params.structured_outputs is not None:
             self.structured_output.validate(sampling_params.structured_outputs)
         kv_variant = self.model_runner.model.kv_variant(len(prompt_token_ids))
@@ -57,10 +67,14 @@ class EngineCore:
             Request(
                 f"{request_id}#{index}", list(prompt_token_ids), _sample_params(sampling_params, index),
                 self.eos_token_id, self.limits.max_total_tokens, cache_salt=cache_salt, kv_variant=kv_variant,
-                client_request_id=request_id, index=index,
+                client_request_id=request_id, index=index, session_id=session_id, kv_retention_s=kv_retention_s,
+                priority=priority, arrival_index=self.num_arrivals,
             )
             for index in range(sampling_params.n)
         ]
+        self.num_arrivals += 1
+        if session_id is not None:
+            self.sessions.on_arrival(session_id)
         samples[0].pending_forks = samples[1:]
         self.requests[request_id] = samples
         if sampling_params.structured_outputs is not None:
@@ -73,8 +87,9 @@ class EngineCore:
             for sample in list(self.requests.get(request_id, ())):
                 self._finish(sample, RequestStatus.FINISHED_ABORTED)
 
-    def abort_samples(self, samples: list[tuple[str, int]]) -> None:
-        """Abort single samples, as (request id, index): e.g. the one a stop string ended in the front end."""
+    def stop_samples(self, samples: list[tuple[str, int]]) -> None:
+        """Stop single samples, as (request id, index): those a stop string ended in the front end (a normal
+        finish: a session keeps its KV)."""
         for request_id, index in samples:
             sample = next((s for s in self.requests.get(request_id, ()) if s.index == index), None)
             if sample is None:
@@ -85,7 +100,7 @@ class EngineCore:
                 if sample.status == RequestStatus.WAITING_FOR_GRAMMAR:
                     self.structured_output.add_request(successor)
                 self.scheduler.add_request(successor)
-            self._finish(sample, RequestStatus.FINISHED_ABORTED)
+            self._finish(sample, RequestStatus.FINISHED_STOPPED)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -163,6 +178,8 @@ class EngineCore:
             if request is None:  # failed this step
                 continue
             request.num_computed_tokens += num_new
+            if request.session_id is not None:
+                self.sessions.add_service(request.session_id, num_new)
             token_id = result.sampled_token_ids.get(req_id)
             if token_id is None:  # a prefill chunk that does not reach the end yet
                 continue
@@ -223,6 +240,10 @@ class EngineCore:
     def reset_prefix_cache(self) -> bool:
         return self.kv_cache_manager.reset_prefix_cache()
 
+    def close_session(self, session_id: str) -> bool:
+        """Release what the session holds now (its lease becomes ordinary LRU cache); False if unknown."""
+        return self.sessions.close(session_id)
+
     def stats(self) -> EngineStats:
         kv = self.kv_cache_manager
         return EngineStats(
@@ -234,6 +255,11 @@ class EngineCore:
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_queries=kv.prefix_cache_queries,
             prefix_cache_hits=kv.prefix_cache_hits,
+            num_session_leases=self.sessions.num_leases,
+            num_blocks_leased=self.sessions.num_blocks_leased,
+            lease_hit_tokens=self.sessions.lease_hit_tokens,
+            leases_evicted=self.sessions.leases_evicted,
+            lease_expiries=self.sessions.lease_expiries,
         )
 
 

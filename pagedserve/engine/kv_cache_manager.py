@@ -5,6 +5,7 @@ import pickle
 
 from pagedserve.engine.block_pool import BlockPool, KVBlock
 from pagedserve.engine.request import Request
+from pagedserve.engine.sessions import Sessions
 
 
 def hash_block(parent_hash: bytes | None, token_ids: list[int], extra_keys: tuple = ()) -> bytes:
@@ -29,6 +30,8 @@ class KVCacheManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
+        # Agent sessions; their leases keep a finished turn's blocks for the session's next turn.
+        self.sessions = Sessions(self.pool, block_size)
         self.req_blocks: dict[str, list[KVBlock]] = {}
         self.req_block_hashes: dict[str, list[bytes]] = {}
         self.req_num_cached_blocks: dict[str, int] = {}
@@ -102,10 +105,13 @@ class KVCacheManager:
         write_index = num_computed // self.block_size
         copy_on_write = write_index < len(blocks) and blocks[write_index].ref_cnt > 1
         num_free_hits = sum(1 for block in new_computed_blocks if block.ref_cnt == 0)
-        if num_needed + copy_on_write + num_free_hits > self.pool.num_free_blocks:
+        shortfall = num_needed + copy_on_write + num_free_hits - self.pool.num_free_blocks
+        if shortfall > 0 and self.sessions.num_reclaimable(new_computed_blocks) < shortfall:
             return False
         changed_from = write_index if copy_on_write else len(blocks)
-        self.pool.touch(new_computed_blocks)
+        self.pool.touch(new_computed_blocks)  # first: the hits now hold references that no lease eviction frees
+        if shortfall > 0:  # leases give way before anyone is preempted
+            self.sessions.reclaim(num_needed + copy_on_write)
         blocks.extend(new_computed_blocks)
         if copy_on_write:
             (copy,) = self.pool.allocate(1)
@@ -149,6 +155,20 @@ class KVCacheManager:
         """Drop everything kept for a finished request (its hashes too)."""
         self.free(request)
         self.req_block_hashes.pop(request.request_id, None)
+
+    def retain(self, request: Request) -> None:
+        """A session's request finished well: its full, hashed blocks go to the session's lease (its TTL from
+        `request.kv_retention_s`, or guessed); the rest are freed as by `forget`. Only hashed blocks can be
+        found again, so without prefix caching nothing is kept."""
+        assert request.session_id is not None
+        if not self.enable_prefix_caching:
+            self.forget(request)
+            return
+        blocks = self.req_blocks.get(request.request_id, [])
+        num_leased = self.req_num_cached_blocks.get(request.request_id, 0)
+        self.req_blocks[request.request_id] = blocks[num_leased:]  # the lease takes over these references
+        self.sessions.lease(request.session_id, blocks[:num_leased], request.kv_retention_s)
+        self.forget(request)
 
     def uncache(self, request: Request) -> None:
         """Forget the hashes of the request's blocks: a failed step may have left their K/V unwritten."""

@@ -59,6 +59,26 @@ def validate_request(limits: ModelLimits, prompt_token_ids: list[int], params: S
         raise ValueError("prompt_logprobs is not supported yet")
 
 
+MAX_SESSION_ID_LEN = 256
+MAX_RETENTION_S = 3600.0
+_INT64 = 2**63
+
+
+def validate_session(session_id: str | None, kv_retention_s: float | None, priority: int) -> None:
+    """The agent-session fields of a request, as a ValueError naming the field."""
+    if session_id is not None and not (isinstance(session_id, str) and 0 < len(session_id) <= MAX_SESSION_ID_LEN):
+        raise ValueError(f"session_id must be a string of 1 to {MAX_SESSION_ID_LEN} characters, got {session_id!r}")
+    if kv_retention_s is not None:
+        if isinstance(kv_retention_s, bool) or not isinstance(kv_retention_s, (int, float)) or not (
+                0 <= kv_retention_s <= MAX_RETENTION_S):
+            raise ValueError(f"kv_retention_s must be a number of seconds in [0, {MAX_RETENTION_S:.0f}], "
+                             f"got {kv_retention_s!r}")
+        if session_id is None:
+            raise ValueError("kv_retention_s needs a session_id: the KV is kept for the session's next request")
+    if isinstance(priority, bool) or not isinstance(priority, int) or not -_INT64 <= priority < _INT64:
+        raise ValueError(f"priority must be an integer (int64), got {priority!r}")
+
+
 # ---- front end -> engine ---------------------------------------------------------------------------------
 
 
@@ -67,14 +87,17 @@ class AddRequest(msgspec.Struct, tag=True):
     prompt_token_ids: list[int]
     params: SamplingParams
     cache_salt: str | None = None
+    session_id: str | None = None
+    kv_retention_s: float | None = None
+    priority: int = 0
 
 
 class AbortRequests(msgspec.Struct, tag=True):
     request_ids: list[str]
 
 
-class AbortSamples(msgspec.Struct, tag=True):
-    """Single samples of n > 1 requests, as (request id, index)."""
+class StopSamples(msgspec.Struct, tag=True):
+    """Samples a stop string ended in the front end, as (request id, index)."""
 
     samples: list[tuple[str, int]]
 
@@ -84,13 +107,14 @@ class UtilityCall(msgspec.Struct, tag=True):
 
     call_id: int
     method: str
+    args: list[str] = []
 
 
 class Shutdown(msgspec.Struct, tag=True):
     pass
 
 
-EngineCoreRequest = AddRequest | AbortRequests | AbortSamples | UtilityCall | Shutdown
+EngineCoreRequest = AddRequest | AbortRequests | StopSamples | UtilityCall | Shutdown
 
 
 # ---- engine -> front end ---------------------------------------------------------------------------------
@@ -124,6 +148,11 @@ class EngineStats(msgspec.Struct):
     num_preemptions: int = 0
     prefix_cache_queries: int = 0  # prompt tokens looked up, once per admission
     prefix_cache_hits: int = 0  # of them, found in the cache
+    num_session_leases: int = 0  # sessions whose KV is held across a pause
+    num_blocks_leased: int = 0
+    lease_hit_tokens: int = 0  # prompt tokens found in a session's lease: not recomputed thanks to it
+    leases_evicted: int = 0  # leases cut short under memory pressure
+    lease_expiries: int = 0  # leases whose TTL ran out
 
     @property
     def kv_cache_usage(self) -> float:

@@ -1,6 +1,7 @@
 """A request as the engine core sees it: token ids in, token ids out, and where it is in its life."""
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 from pagedserve.sampling_params import SamplingParams
@@ -53,6 +54,13 @@ class Request:
     index: int = 0
     # Samples that start from this one's blocks once its prompt is computed (n > 1; see Scheduler.fork).
     pending_forks: list["Request"] = field(default_factory=list)
+    # An agent session: its KV is kept for the session's next turn (a lease) for `kv_retention_s` seconds
+    # (None: the engine's guess; 0: not kept), and its service decides its turn under the session policy.
+    session_id: str | None = None
+    kv_retention_s: float | None = None
+    priority: int = 0  # lower runs first under the priority policy (vLLM's)
+    arrival_time: float = field(default_factory=time.monotonic)
+    arrival_index: int = 0  # order of arrival, the tie-break of every policy
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -12,12 +12,14 @@ rest (token ids, sampling state) in its persistent batch and appends the tokens 
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pagedserve.engine.kv_cache_manager import KVCacheManager
 from pagedserve.engine.request import Request, RequestStatus
+from pagedserve.engine.sessions import Sessions
 from pagedserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # it holds a tensor; the scheduler never touches it
@@ -67,14 +69,67 @@ class SchedulerOutput:
 
 
 class FCFSPolicy:
-    """Admission order: first come, first served; preemption victim: the last admitted running request.
+    """First come, first served: the waiting queue in arrival order (a preempted request back at its head),
+    the running batch in admission order.
 
-    Running requests are scheduled in admission order, so the victim has not been scheduled this step
-    unless it is the request being scheduled itself.
+    Under every policy the preemption victim is the last request of the running batch, which the policy keeps
+    sorted best first: running requests are scheduled in that order, so the victim has not been scheduled this
+    step unless it is the request being scheduled itself.
     """
 
-    def pick_victim(self, running: list[Request]) -> Request:
-        return running[-1]
+    def sort_waiting(self, waiting: deque[Request], now: float) -> deque[Request]:
+        return waiting
+
+    def sort_running(self, running: list[Request]) -> None:
+        pass
+
+
+class PriorityPolicy(FCFSPolicy):
+    """vLLM's priority scheduling: lower `priority` first, then arrival order, in the queue and the batch."""
+
+    def sort_waiting(self, waiting: deque[Request], now: float) -> deque[Request]:
+        return deque(sorted(waiting, key=self._key))
+
+    def sort_running(self, running: list[Request]) -> None:
+        running.sort(key=self._key)
+
+    @staticmethod
+    def _key(request: Request) -> tuple[int, int]:
+        return request.priority, request.arrival_index
+
+
+class SessionPolicy(FCFSPolicy):
+    """Program-level scheduling (Autellix's PLAS): the session that has had the least service so far (tokens
+    computed for it) goes first, so a short agent program is not stuck behind a long one; arrival order within
+    a session. A request without a session is a program of its own. A waiting request's service counts
+    AGING_TOKENS_PER_S fewer tokens per second it has waited, which bounds starvation."""
+
+    AGING_TOKENS_PER_S = 1000.0
+
+    def __init__(self, sessions: Sessions) -> None:
+        self.sessions = sessions
+
+    def sort_waiting(self, waiting: deque[Request], now: float) -> deque[Request]:
+        return deque(sorted(waiting, key=lambda r: (
+            self._service(r) - self.AGING_TOKENS_PER_S * (now - r.arrival_time), r.arrival_index)))
+
+    def sort_running(self, running: list[Request]) -> None:
+        running.sort(key=lambda r: (self._service(r), r.arrival_index))
+
+    def _service(self, request: Request) -> int:
+        if request.session_id is None:
+            return request.num_computed_tokens
+        return self.sessions.attained_service(request.session_id)
+
+
+def make_policy(name: str, sessions: Sessions) -> FCFSPolicy:
+    if name == "priority":
+        return PriorityPolicy()
+    if name == "session":
+        return SessionPolicy(sessions)
+    if name != "fcfs":
+        raise ValueError(f"scheduling_policy must be one of fcfs, priority, session, got {name!r}")
+    return FCFSPolicy()
 
 
 class Scheduler:
@@ -108,6 +163,9 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         preempted = False
+        self.kv.sessions.expire()
+        self.policy.sort_running(self.running)
+        self.waiting = self.policy.sort_waiting(self.waiting, time.monotonic())
 
         for request in list(self.running):
             if budget == 0:
@@ -116,7 +174,7 @@ class Scheduler:
                 continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             while not self.kv.allocate_slots(request, num_new):
-                victim = self.policy.pick_victim(self.running)
+                victim = self.running[-1]  # the worst by the policy (see FCFSPolicy)
                 self._preempt(victim)
                 preempted = True
                 if victim is request:
@@ -142,6 +200,8 @@ class Scheduler:
             if not self.kv.allocate_slots(request, num_new, hit_blocks):
                 break
             self.kv.record_prefix_lookup(request, num_hit_tokens)
+            if request.session_id is not None:  # its hits hold their own references now: the lease can go
+                self.kv.sessions.claim(request.session_id, hit_blocks)
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = num_hit_tokens
@@ -195,7 +255,11 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         request.status = status
-        self.kv.forget(request)
+        finished_well = status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH)
+        if finished_well and request.session_id is not None:
+            self.kv.retain(request)  # kept warm for the session's next turn (an aborted or failed one is not)
+        else:
+            self.kv.forget(request)
         self.requests.pop(request.request_id, None)
         self._preempted_req_ids.discard(request.request_id)
         self._held_by_runner.discard(request.request_id)

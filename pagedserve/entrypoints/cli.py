@@ -32,6 +32,8 @@ _HELP = {
     "seed": "global random seed (per-request seeds come with each request)",
     "device": "cpu, cuda or auto",
     "structured_outputs_config": 'JSON, e.g. \'{"backend": "xgrammar"}\' (xgrammar, guidance or auto)',
+    "scheduling_policy": "fcfs, priority (lower `priority` first, as vLLM) or session (agent sessions: the one with "
+                         "the least service so far first)",
     "generation_config": "default sampling settings of requests: 'auto' (the model's generation_config.json), "
                          "'vllm' (none), or a directory holding a generation_config.json",
 }

@@ -18,11 +18,12 @@ from pagedserve.config import EngineArgs, EngineConfig, create_engine_config
 from pagedserve.engine.process import EngineProcess, start_engine_process
 from pagedserve.engine.protocol import (
     AbortRequests,
-    AbortSamples,
     AddRequest,
     EngineCoreOutputs,
     EngineStats,
+    StopSamples,
     UtilityCall,
+    validate_session,
 )
 from pagedserve.frontend.core_client import ProcessCoreClient, ThreadCoreClient
 from pagedserve.frontend.input_processor import InputProcessor, PromptType
@@ -141,18 +142,24 @@ class AsyncLLM:
         sampling_params: SamplingParams,
         request_id: str,
         cache_salt: str | None = None,
+        session_id: str | None = None,
+        kv_retention_s: float | None = None,
+        priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         """Stream one request's outputs (cumulative, deltas or final only, per `sampling_params.output_kind`).
 
         Breaking out of the iteration (or the task being cancelled, e.g. the client went away) aborts the
-        request in the engine and frees its blocks.
+        request in the engine and frees its blocks. `session_id` / `kv_retention_s` / `priority`: see
+        `EngineCore.add_request`.
         """
         await self.start()
-        async for output in self.add_request(prompt, sampling_params, request_id, cache_salt):
+        async for output in self.add_request(prompt, sampling_params, request_id, cache_salt, session_id,
+                                             kv_retention_s, priority):
             yield output
 
     def add_request(
-        self, prompt: PromptType, params: SamplingParams, request_id: str, cache_salt: str | None = None
+        self, prompt: PromptType, params: SamplingParams, request_id: str, cache_salt: str | None = None,
+        session_id: str | None = None, kv_retention_s: float | None = None, priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         """Admit a request now (validate, tokenize, hand it to the engine) and return its output stream.
 
@@ -169,13 +176,15 @@ class AsyncLLM:
                     f"the server is at capacity: {num_waiting} requests are already waiting "
                     f"(--max-waiting-requests {self.max_waiting_requests}); retry later"
                 )
+        validate_session(session_id, kv_retention_s, priority)
         prompt_text, prompt_token_ids = self.input_processor(prompt, params)
         state = self.processor.add_request(request_id, prompt_text, prompt_token_ids, params)
         stream: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
         self.streams[request_id] = stream
         try:
             assert self.client is not None
-            self.client.send(AddRequest(request_id, prompt_token_ids, params, cache_salt))
+            self.client.send(AddRequest(request_id, prompt_token_ids, params, cache_salt, session_id, kv_retention_s,
+                                        priority))
         except BaseException:  # nothing of it may stay behind (a waiting slot, a stream)
             self.processor.abort_request(request_id)
             self.streams.pop(request_id, None)
@@ -218,12 +227,18 @@ class AsyncLLM:
         assert isinstance(result, bool)
         return result
 
+    async def close_session(self, session_id: str) -> bool:
+        """Release what the engine holds for the session now; False if it knows no such session."""
+        result = await self._call("close_session", session_id)
+        assert isinstance(result, bool)
+        return result
+
     async def engine_stats(self) -> EngineStats:
         result = await self._call("stats")
         assert isinstance(result, EngineStats)
         return result
 
-    async def _call(self, method: str) -> bool | EngineStats | None:
+    async def _call(self, method: str, *args: str) -> bool | EngineStats | None:
         """Call an engine method between two steps; EngineDeadError if the engine is not running, or stops
         answering for CALL_TIMEOUT_S seconds."""
         await self.start()
@@ -232,7 +247,7 @@ class AsyncLLM:
         call_id = next(self.call_ids)
         future = asyncio.get_running_loop().create_future()
         self.pending_calls[call_id] = future
-        self.client.send(UtilityCall(call_id, method))
+        self.client.send(UtilityCall(call_id, method, list(args)))
         try:
             return await asyncio.wait_for(future, CALL_TIMEOUT_S)
         except TimeoutError:
@@ -246,7 +261,7 @@ class AsyncLLM:
         """Runs on the event loop for every engine step: detokenize, stream deltas, record metrics."""
         processed = self.processor.process(core_outputs.outputs)
         if processed.to_abort and self.client is not None:  # a stop string ended these samples here
-            self.client.send(AbortSamples(processed.to_abort))
+            self.client.send(StopSamples(processed.to_abort))
         for state in processed.updated:
             stream = self.streams.get(state.request_id)
             output = self._output_for(state)

@@ -3,13 +3,14 @@
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 from tqdm import tqdm
 
 from pagedserve.config import EngineArgs, create_engine_config
 from pagedserve.engine.engine_core import EngineCore
-from pagedserve.engine.protocol import EngineStats
+from pagedserve.engine.protocol import EngineStats, validate_session
 from pagedserve.frontend.input_processor import InputProcessor, PromptType
 from pagedserve.frontend.output_processor import OutputProcessor, RequestState
 from pagedserve.frontend.tokenizer import load_tokenizer
@@ -17,6 +18,19 @@ from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 
 logger = logging.getLogger("pagedserve")
+
+
+@dataclass
+class Submission:
+    """One prompt of an `LLM.generate` call, tokenized and checked, with what goes with it to the engine."""
+
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    cache_salt: str | None = None
+    session_id: str | None = None
+    kv_retention_s: float | None = None
+    priority: int = 0
 
 
 class LLM:
@@ -52,22 +66,34 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
+        session_ids: Sequence[str | None] | None = None,
     ) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in input order.
 
-        A prompt is text, or a dict with "prompt" (text) or "prompt_token_ids", and optionally "cache_salt":
-        requests with different salts never share prefix-cache blocks.
+        A prompt is text, or a dict with "prompt" (text) or "prompt_token_ids", and optionally "cache_salt"
+        (requests with different salts never share prefix-cache blocks), "session_id" and "kv_retention_s" (an
+        agent session: its KV is kept for its next request, see `EngineCore.add_request`). `priority` (vLLM's,
+        lower first, with scheduling_policy="priority") and `session_ids` give one value per prompt.
         """
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         params = [sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams) else sampling_params
-        if len(params) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
-        requests = [self.input_processor(p, sp) for p, sp in zip(prompts, params)]  # all checked before any runs
-        salts = [p.get("cache_salt") if isinstance(p, dict) else None for p in prompts]
-        return self._run(requests, list(params), salts, use_tqdm)
+        for name, values in (("sampling params", params), ("priority", priority), ("session_ids", session_ids)):
+            if values is not None and len(values) != len(prompts):
+                raise ValueError(f"got {len(prompts)} prompts but {len(values)} {name}")
+        submissions = []
+        for i, (prompt, sp) in enumerate(zip(prompts, params)):  # all checked before any runs
+            extra = prompt if isinstance(prompt, dict) else {}
+            text, token_ids = self.input_processor(prompt, sp)
+            submission = Submission(text, token_ids, sp, extra.get("cache_salt"),
+                                    session_ids[i] if session_ids is not None else extra.get("session_id"),
+                                    extra.get("kv_retention_s"), priority[i] if priority is not None else 0)
+            validate_session(submission.session_id, submission.kv_retention_s, submission.priority)
+            submissions.append(submission)
+        return self._run(submissions, use_tqdm)
 
     def chat(
         self,
@@ -87,21 +113,20 @@ class LLM:
             prompts.append({"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)})
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def _run(
-        self,
-        requests: list[tuple[str | None, list[int]]],
-        params: list[SamplingParams],
-        cache_salts: list[str | None],
-        use_tqdm: bool,
-    ) -> list[RequestOutput]:
+    def close_session(self, session_id: str) -> bool:
+        """Release what the engine holds for the session (its kept KV); False if it knows no such session."""
+        return self.engine.close_session(session_id)
+
+    def _run(self, submissions: list[Submission], use_tqdm: bool) -> list[RequestOutput]:
         processor = OutputProcessor(self.tokenizer)
         states: list[RequestState] = []
         try:
-            for (prompt, prompt_token_ids), sp, salt in zip(requests, params, cache_salts):
+            for s in submissions:
                 request_id = str(self._next_id)
                 self._next_id += 1
-                states.append(processor.add_request(request_id, prompt, prompt_token_ids, sp))
-                self.engine.add_request(request_id, prompt_token_ids, sp, salt)
+                states.append(processor.add_request(request_id, s.prompt, s.prompt_token_ids, s.params))
+                self.engine.add_request(request_id, s.prompt_token_ids, s.params, s.cache_salt, s.session_id,
+                                        s.kv_retention_s, s.priority)
         except ValueError:
             self.engine.abort_requests([s.request_id for s in states])
             raise
@@ -114,7 +139,7 @@ class LLM:
             num_output_tokens += sum(len(o.new_token_ids) for o in core_outputs)
             processed = processor.process(core_outputs)
             if processed.to_abort:  # a stop string ended these samples in the front end
-                self.engine.abort_samples(processed.to_abort)
+                self.engine.stop_samples(processed.to_abort)
             for request_id, message in processed.errors:
                 logger.error("request %s failed: %s", request_id, message)
             bar.update(len(processed.finished))

@@ -49,6 +49,12 @@ class PrometheusMetrics:
         self.tpot = histogram("vllm:time_per_output_token_seconds", "Mean time per output token after the first",
                               _TPOT_BUCKETS)
         self.e2e = histogram("vllm:e2e_request_latency_seconds", "Arrival to last token", _E2E_BUCKETS)
+        # agent sessions (no vLLM counterpart)
+        self.session_leases = gauge("pagedserve:session_leases", "Sessions whose KV is held across a pause")
+        self.blocks_leased = gauge("pagedserve:kv_blocks_leased", "KV blocks held by session leases")
+        self.lease_hit_tokens = counter("pagedserve:lease_hit_tokens", "Prompt tokens not recomputed thanks to a lease")
+        self.leases_evicted = counter("pagedserve:leases_evicted", "Leases cut short under memory pressure")
+        self.lease_expiries = counter("pagedserve:lease_expiries", "Leases whose TTL ran out")
         self.model_name = model_name
         self._last_stats = EngineStats()
 
@@ -57,10 +63,18 @@ class PrometheusMetrics:
         self.running.set(stats.num_requests_running)
         self.waiting.set(stats.num_requests_waiting)
         self.kv_usage.set(stats.kv_cache_usage)
+        self.session_leases.set(stats.num_session_leases)
+        self.blocks_leased.set(stats.num_blocks_leased)
         last = self._last_stats
-        self.preemptions.inc(max(0, stats.num_preemptions - last.num_preemptions))
-        self.prefix_queries.inc(max(0, stats.prefix_cache_queries - last.prefix_cache_queries))
-        self.prefix_hits.inc(max(0, stats.prefix_cache_hits - last.prefix_cache_hits))
+        for counter, now, before in (
+            (self.preemptions, stats.num_preemptions, last.num_preemptions),
+            (self.prefix_queries, stats.prefix_cache_queries, last.prefix_cache_queries),
+            (self.prefix_hits, stats.prefix_cache_hits, last.prefix_cache_hits),
+            (self.lease_hit_tokens, stats.lease_hit_tokens, last.lease_hit_tokens),
+            (self.leases_evicted, stats.leases_evicted, last.leases_evicted),
+            (self.lease_expiries, stats.lease_expiries, last.lease_expiries),
+        ):
+            counter.inc(max(0, now - before))
         self._last_stats = stats
 
     def engine_restarted(self) -> None:
@@ -108,12 +122,14 @@ class LoggingStatLogger:
         if self.num_prompt_tokens or self.num_generation_tokens or stats.num_requests_running:
             queries = stats.prefix_cache_queries - last.prefix_cache_queries
             hits = stats.prefix_cache_hits - last.prefix_cache_hits
+            leases = (f", Session leases: {stats.num_session_leases} ({stats.num_blocks_leased} blocks)"
+                      if stats.num_session_leases else "")
             logger.info(
                 "Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, Running: %d reqs, "
-                "Waiting: %d reqs, KV cache usage: %.1f%%, Prefix cache hit rate: %.1f%%",
+                "Waiting: %d reqs, KV cache usage: %.1f%%, Prefix cache hit rate: %.1f%%%s",
                 self.num_prompt_tokens / elapsed, self.num_generation_tokens / elapsed,
                 stats.num_requests_running, stats.num_requests_waiting, 100 * stats.kv_cache_usage,
-                100 * hits / queries if queries > 0 else 0.0,
+                100 * hits / queries if queries > 0 else 0.0, leases,
             )
         self._logged_stats = stats
         self.last_time = now

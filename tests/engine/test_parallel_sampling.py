@@ -126,7 +126,7 @@ def test_abort_one_sample_and_the_others_go_on(llama_dir, reference_engine):
     engine.add_request("a", prompt, sampled(n=4, max_tokens=12))
     run = Run()
     step_until(engine, run, lambda run: all(len(run.tokens.get(("a", i), ())) >= 3 for i in range(4)))
-    engine.abort_samples([("a", 2), ("a", 7), ("nope", 0)])
+    engine.stop_samples([("a", 2), ("a", 7), ("nope", 0)])
     run = run_all(engine, run)
     assert ("a", 2) not in run.finals
     assert run.tokens[("a", 2)] == expected[2][: len(run.tokens[("a", 2)])]
@@ -139,7 +139,7 @@ def test_aborting_the_first_sample_before_the_fork_hands_the_prompt_to_the_next(
     engine = make_engine(llama_dir, max_num_batched_tokens=16)
     engine.add_request("a", prompt, sampled(n=3))
     engine.step()  # the first sample is mid-prefill
-    engine.abort_samples([("a", 0)])
+    engine.stop_samples([("a", 0)])
     run = run_all(engine)
     assert set(run.tokens) == {("a", 1), ("a", 2)}
     assert [run.tokens[("a", i)] for i in (1, 2)] == expected[1:]

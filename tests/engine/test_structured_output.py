@@ -257,7 +257,7 @@ def test_a_grammar_that_fails_to_compile_fails_its_request(llama_dir, monkeypatc
 def test_abort_while_compiling_leaks_nothing(llama_dir):
     engine = make_engine(llama_dir)
     engine.add_request("a", [5, 6], constrained(regex=REGEX, n=3))
-    engine.abort_samples([("a", 0)])  # its successor waits for the same grammar
+    engine.stop_samples([("a", 0)])  # its successor waits for the same grammar
     assert engine.requests["a"][0].status == RequestStatus.WAITING_FOR_GRAMMAR
     engine.abort_requests(["a"])
     run_all(engine)

@@ -233,6 +233,18 @@ def build_app(engine: AsyncLLM, options: ServingOptions, api_key: str | None = N
             return error_response(409, "the prefix cache cannot be reset while requests hold cached blocks")
         return Response(status_code=200)
 
+    @app.post("/v1/sessions/{session_id}/close", responses={
+        200: {"description": "The session's kept KV is released"}, 401: _ERRORS[401],
+        404: {"model": ErrorResponse, "description": "No such session"}, 503: _ERRORS[503]})
+    async def close_session(session_id: str) -> Response:
+        try:
+            closed = await engine.close_session(session_id)
+        except EngineDeadError as e:
+            return error_response(503, str(e))
+        if not closed:
+            return error_response(404, f"no session {session_id!r}", param="session_id", code="session_not_found")
+        return JSONResponse({"id": session_id, "object": "session", "closed": True})
+
     def openapi() -> dict:
         """FastAPI's document, without the 422 it adds to every route with a body: we answer 400."""
         if app.openapi_schema is None:

@@ -91,6 +91,11 @@ class SamplingFields(BaseModel):
     cache_salt: str | None = None
     return_token_ids: bool = False  # each choice also carries its token ids
     structured_outputs: dict[str, Any] | None = None  # StructuredOutputsParams' fields
+    priority: int = 0  # lower first, with --scheduling-policy priority
+    # An agent session: the KV of this request is kept for the session's next one (a lease) for kv_retention_s
+    # seconds (absent: the engine's guess from the session's pauses; 0: not kept).
+    session_id: str | None = None
+    kv_retention_s: float | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -132,14 +132,15 @@ class OpenAIServing:
             prepared.append(({"prompt": text, "prompt_token_ids": token_ids}, params))
         return prepared
 
-    def admit(self, prepared: list[tuple[dict, SamplingParams]], request_id: str,
-              cache_salt: str | None) -> Admitted:
+    def admit(self, prepared: list[tuple[dict, SamplingParams]], request_id: str, request: SamplingFields) -> Admitted:
         """Hand every prompt to the engine now; if one is refused, the ones already admitted are aborted."""
         admitted = Admitted(request_id, [p for p, _ in prepared], [sp for _, sp in prepared], [], [])
         try:
             for i, (prompt, params) in enumerate(prepared):
                 engine_id = f"{request_id}-{i}" if len(prepared) > 1 else request_id
-                admitted.streams.append(self.engine.add_request(prompt, params, engine_id, cache_salt))
+                admitted.streams.append(self.engine.add_request(
+                    prompt, params, engine_id, request.cache_salt, request.session_id, request.kv_retention_s,
+                    request.priority))
                 admitted.engine_ids.append(engine_id)
         except BaseException:
             self.abort(admitted)

@@ -138,7 +138,7 @@ class ChatServing(OpenAIServing):
         if plan.parser is not None and plan.parser.keeps_special_tokens:
             for _, params in prepared:
                 params.skip_special_tokens = False
-        admitted = self.admit(prepared, f"chatcmpl-{uuid.uuid4().hex}", request.cache_salt)
+        admitted = self.admit(prepared, f"chatcmpl-{uuid.uuid4().hex}", request)
         if request.stream:
             return self._stream(request, admitted, plan)
         return self._full(request, admitted, plan)

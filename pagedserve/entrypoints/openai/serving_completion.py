@@ -21,7 +21,7 @@ class CompletionServing(OpenAIServing):
         structured = request.structured_outputs_params()
         prepared = await self.run_text(self.prepare, request, request.prompts(), request.max_tokens,
                                        request.logprobs, structured)
-        admitted = self.admit(prepared, f"cmpl-{uuid.uuid4().hex}", request.cache_salt)
+        admitted = self.admit(prepared, f"cmpl-{uuid.uuid4().hex}", request)
         if request.stream:
             return self._stream(request, admitted)
         return self._full(request, admitted)

@@ -291,3 +291,25 @@ def test_sigterm_with_a_request_in_flight_exits_cleanly(llama_dir):
             httpx.get(f"{proc.url}/health", timeout=2)  # no longer accepting
     finally:
         proc.stop()
+
+
+def test_sessions_through_the_server(server, client):
+    """session_id / kv_retention_s / priority as extra body fields; the next turn hits the lease; close."""
+    session = f"agent-{server.port}"
+    messages = [{"role": "user", "content": "Paged attention keeps the KV cache in fixed-size blocks."}]
+    first = client.chat.completions.create(model=model_name(server), messages=messages, max_tokens=8, temperature=0,
+                                           extra_body={"session_id": session, "ignore_eos": True})
+    before = server.metrics()
+    assert before["pagedserve:session_leases"] >= 1 and before["pagedserve:kv_blocks_leased"] >= 1
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "And with block tables?"}]
+    client.chat.completions.create(model=model_name(server), messages=messages, max_tokens=4, temperature=0,
+                                   extra_body={"session_id": session, "priority": 2, "kv_retention_s": 30})
+    after = server.metrics()
+    assert after["pagedserve:lease_hit_tokens_total"] - before.get("pagedserve:lease_hit_tokens_total", 0) >= 16
+    assert httpx.post(f"{server.url}/v1/sessions/{session}/close").json()["closed"] is True
+    assert_error(httpx.post(f"{server.url}/v1/sessions/{session}/close"), 404, session)
+    assert_error(httpx.post(f"{server.url}/v1/completions", json={"prompt": "x", "kv_retention_s": -1,
+                                                                   "session_id": "s"}), 400, "kv_retention_s")
+    assert_error(httpx.post(f"{server.url}/v1/completions", json={"prompt": "x", "kv_retention_s": 5}), 400,
+                 "needs a session_id")
