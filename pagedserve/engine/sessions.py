@@ -33,6 +33,7 @@ DEFAULT_TTL_S = 10.0
 MIN_TTL_S = 1.0
 MAX_TTL_S = 120.0
 NUM_GAPS = 16  # pauses remembered per session
+IDLE_S = 600.0  # a session with no lease and no activity for this long is forgotten (its pauses, its service)
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Session:
     last_finish: float | None = None
     lease: Lease | None = None
     attained_service: int = 0  # tokens computed for the session so far (program-level scheduling)
+    last_active: float = 0.0
 
 
 class Sessions:
@@ -64,7 +66,7 @@ class Sessions:
 
     def on_arrival(self, session_id: str) -> None:
         """A request of the session arrived: the pause since its last finish is one more observed gap."""
-        session = self.sessions.setdefault(session_id, Session())
+        session = self._session(session_id)
         if session.last_finish is not None:
             session.gaps.append(self.clock() - session.last_finish)
             session.last_finish = None
@@ -72,7 +74,7 @@ class Sessions:
     def lease(self, session_id: str, blocks: list[KVBlock], retention_s: float | None) -> None:
         """A request of the session finished: its `blocks` (full and hashed, root first, one reference each,
         handed over by the request) become the session's lease, replacing an older one."""
-        session = self.sessions.setdefault(session_id, Session())
+        session = self._session(session_id)
         now = self.clock()
         session.last_finish = now
         self.release(session_id)
@@ -115,14 +117,24 @@ class Sessions:
         return True
 
     def expire(self) -> None:
+        """Release the leases whose TTL ran out; forget the sessions idle for IDLE_S (a client that never closes
+        its sessions must not grow this table forever)."""
         now = self.clock()
-        for session_id, session in self.sessions.items():
+        for session_id, session in list(self.sessions.items()):
             if session.lease is not None and session.lease.expires_at <= now:
                 self.release(session_id)
                 self.lease_expiries += 1
+            if session.lease is None and now - session.last_active > IDLE_S:
+                del self.sessions[session_id]
 
     def add_service(self, session_id: str, num_tokens: int) -> None:
-        self.sessions.setdefault(session_id, Session()).attained_service += num_tokens
+        self._session(session_id).attained_service += num_tokens
+
+    def _session(self, session_id: str) -> Session:
+        """The session, created on first sight; marked active now."""
+        session = self.sessions.setdefault(session_id, Session())
+        session.last_active = self.clock()
+        return session
 
     def attained_service(self, session_id: str) -> int:
         session = self.sessions.get(session_id)

@@ -239,3 +239,15 @@ def test_the_policy_picks_the_preemption_victim():
     for _ in range(3):
         pretend_step(sched)  # both need a third block at the 9th token: only 5 blocks
     assert sched.num_preemptions >= 1 and high in sched.running and low not in sched.running
+
+
+def test_idle_sessions_are_forgotten(llama_dir, clock):
+    engine = engine_with_clock(llama_dir, clock)
+    turn(engine, "a", prompt(40, 1), "s", kv_retention_s=5.0)
+    clock.now += 6.0
+    engine.step()
+    assert "s" in engine.sessions.sessions  # its lease expired, but it is remembered for a while
+    clock.now += 601.0
+    engine.step()
+    assert "s" not in engine.sessions.sessions and not engine.close_session("s")
+    assert_all_blocks_free(engine)
