@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/serving.py --output BENCHMARKS.md
 	$(PY) benchmarks/multi_turn.py --output BENCHMARKS.md
 	$(PY) benchmarks/structured_output.py --output BENCHMARKS.md
+	$(PY) benchmarks/agent_sessions.py --output BENCHMARKS.md   # vLLM too: installs it under .peers/ once
 
 # vLLM (CPU build) and llama.cpp in their own venvs under .peers/ (installed once), then the same sweep
 # and the agent workload against each, one server at a time.

@@ -201,3 +201,26 @@ def fmt(value: float | None, digits: int = 1, suffix: str = "") -> str:
 
 def pct(part: float | None, whole: float | None) -> str:
     return "-" if part is None or not whole else f"{100 * part / whole:.0f}%"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Load on the machine
+# ----------------------------------------------------------------------------------------------------------
+
+
+def load_1min() -> float:
+    """The 1-minute load average (nan where /proc/loadavg cannot be read)."""
+    fields = _read("/proc/loadavg").split()
+    return float(fields[0]) if fields else float("nan")
+
+
+def wait_for_load_below(threshold: float, max_wait_s: float, poll_s: float = 5.0) -> float:
+    """Wait, at most `max_wait_s`, for the 1-minute load average to fall below `threshold`; the last reading."""
+    deadline = time.monotonic() + max_wait_s
+    load = load_1min()
+    if load >= threshold:
+        log(f"1-minute load {load:.2f}: waiting up to {max_wait_s:.0f} s for it to fall below {threshold:g}")
+    while load >= threshold and time.monotonic() < deadline:
+        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+        load = load_1min()
+    return load

@@ -18,7 +18,7 @@ import concurrent.futures
 import statistics
 import time
 
-from common import log, machine_description, markdown_table
+from common import log, machine_description, markdown_table, wait_for_load_below
 from report import replace_section
 
 from pagedserve import LLM, SamplingParams, StructuredOutputsParams
@@ -43,17 +43,6 @@ class InlineExecutor(concurrent.futures.Executor):
         future: concurrent.futures.Future = concurrent.futures.Future()
         future.set_result(fn(*args, **kwargs))
         return future
-
-
-def wait_for_quiet(limit: float = 1.0, timeout: float = 600.0) -> float:
-    """The 1-minute load average, after waiting (bounded) for it to drop under `limit`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        load = float(open("/proc/loadavg").read().split()[0])
-        if load < limit or time.monotonic() > deadline:
-            return load
-        log(f"load {load:.2f}: waiting for a quiet machine")
-        time.sleep(10)
 
 
 def messages(n: int) -> list[list[dict]]:
@@ -123,7 +112,7 @@ def main() -> None:
     loads: dict[int, list[float]] = {}
     for n in levels:
         for r in range(rounds):
-            loads.setdefault(n, []).append(wait_for_quiet())
+            loads.setdefault(n, []).append(wait_for_load_below(1.0, 600))
             for variant in VARIANTS:
                 tok_s = measure(variant, n)
                 results.setdefault((n, variant), []).append(tok_s)
