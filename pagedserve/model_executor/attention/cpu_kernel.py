@@ -1,54 +1,19 @@
-"""The native CPU decode-attention kernel: built from `paged_attention_cpu.cpp` on first use, cached, called via ctypes.
-
-The build takes about a second (no torch headers) and is cached under `~/.cache/pagedserve/kernels`, keyed by the
-source, the compiler flags and this CPU's feature flags (it is built with -march=native). Without a C++ compiler,
-or with `PAGEDSERVE_ATTENTION_BACKEND=torch`, attention stays on the portable PyTorch path.
+"""The native CPU decode-attention kernel: built from `paged_attention_cpu.cpp` on first use (see `native.py`),
+called via ctypes. Without a C++ compiler, or with `PAGEDSERVE_ATTENTION_BACKEND=torch`, attention stays on the
+portable PyTorch path.
 """
 
 import ctypes
 import functools
-import hashlib
-import logging
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
-logger = logging.getLogger(__name__)
+from pagedserve.model_executor import native
 
 _SOURCE = Path(__file__).with_name("paged_attention_cpu.cpp")
-_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC"]
 _DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _build(compiler: str) -> Path:
-    key = hashlib.sha256(
-        "\0".join([_SOURCE.read_text(), compiler, *_FLAGS, platform.machine(), _cpu_flags()]).encode()
-    ).hexdigest()[:16]
-    cache_dir = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pagedserve" / "kernels"
-    library = cache_dir / f"paged_attention_cpu-{key}.so"
-    if not library.exists():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:  # build aside, then rename: safe between processes
-            built = Path(tmp) / library.name
-            command = [compiler, *_FLAGS, str(_SOURCE), "-o", str(built)]
-            subprocess.run(command, check=True, capture_output=True, text=True)
-            built.replace(library)
-    return library
 
 
 @functools.cache
@@ -56,15 +21,8 @@ def load_kernel() -> ctypes.CDLL | None:
     """The compiled kernel library, or None (with one warning) when it cannot be built here."""
     if os.environ.get("PAGEDSERVE_ATTENTION_BACKEND", "native") == "torch":
         return None
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        logger.warning("no C++ compiler found: decode attention uses the portable PyTorch path")
-        return None
-    try:
-        library = ctypes.CDLL(str(_build(compiler)))
-    except (OSError, subprocess.CalledProcessError) as error:
-        detail = (getattr(error, "stderr", "") or str(error))[-2000:]
-        logger.warning("building the CPU attention kernel failed, using the PyTorch path: %s", detail)
+    library = native.load(_SOURCE, "decode attention")
+    if library is None:
         return None
     library.paged_decode_attention_path.restype = ctypes.c_int
     library.paged_decode_attention_path.argtypes = [ctypes.c_int64]

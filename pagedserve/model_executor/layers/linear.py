@@ -5,7 +5,16 @@ time saves that copy on every step (measured 1.1-1.9x faster per matmul on this 
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+class GateUpLinear(nn.Linear):
+    """A fused gate/up projection whose output is only ever used as silu(gate) * up (SwiGLU MLPs)."""
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self(x).split(self.out_features // 2, dim=-1)
+        return F.silu(gate) * up
 
 
 class PackedLinear(nn.Module):
@@ -19,13 +28,35 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
 
+class PackedGateUp(nn.Module):
+    """A GateUpLinear packed as two oneDNN weights, so that silu is the gate matmul's epilogue and the
+    multiply the up matmul's: no [tokens, 2 x intermediate] output, no silu or multiply pass (measured
+    2.1 -> 1.7 ms for a 1,024-token SmolLM2 MLP input)."""
+
+    def __init__(self, linear: GateUpLinear) -> None:
+        super().__init__()
+        size = linear.out_features // 2
+        weight = linear.weight.detach()
+        self.gate = torch.ops.mkldnn._reorder_linear_weight(weight[:size].contiguous(), 1)
+        self.up = torch.ops.mkldnn._reorder_linear_weight(weight[size:].contiguous(), 1)
+        bias = linear.bias
+        self.gate_bias = None if bias is None else bias.detach()[:size].contiguous()
+        self.up_bias = None if bias is None else bias.detach()[size:].contiguous()
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        gate = torch.ops.mkldnn._linear_pointwise(x, self.gate, self.gate_bias, "swish", [], "")
+        return torch.ops.mkldnn._linear_pointwise.binary(x, gate, self.up, self.up_bias, "mul")
+
+
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
 
 
 def pack_linears(model: nn.Module) -> None:
-    """Swap every nn.Linear of the (loaded) model for a PackedLinear."""
+    """Swap every nn.Linear of the (loaded) model for a PackedLinear (a GateUpLinear for a PackedGateUp)."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
+            if isinstance(child, GateUpLinear):
+                setattr(module, name, PackedGateUp(child))
+            elif isinstance(child, nn.Linear):
                 setattr(module, name, PackedLinear(child))

@@ -100,15 +100,16 @@ class RotaryEmbedding(nn.Module):
             return ("longrope-long",)
         return ()
 
-    def forward(self, meta: AttentionMetadata, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for each of the step's tokens, [T, 1, rotary_dim]: looked up once, shared by all layers."""
+    def forward(self, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 cos and sin for each of the step's tokens, [T, 1, rotary_dim]: looked up once, shared by all
+        layers (which cast them to their dtype if they rotate in PyTorch)."""
         positions = meta.positions
         if self.cos_cache.device != positions.device:
             self.cos_cache, self.sin_cache = self.cos_cache.to(positions.device), self.sin_cache.to(positions.device)
         index: tuple[torch.Tensor, ...] = (positions,)
         if self.original_max_position is not None:
             index = ((meta.prompt_lens > self.original_max_position).long(), positions)
-        return self.cos_cache[index].to(dtype).unsqueeze(1), self.sin_cache[index].to(dtype).unsqueeze(1)
+        return self.cos_cache[index].unsqueeze(1), self.sin_cache[index].unsqueeze(1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -91,7 +91,7 @@ class GemmaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         x = x * torch.tensor(self.embed_scale, dtype=x.dtype)  # the scale rounded to the model's dtype, as transformers
-        ropes = {layer_type: rotary(meta, x.dtype) for layer_type, rotary in self.rotary.items()}
+        ropes = {layer_type: rotary(meta) for layer_type, rotary in self.rotary.items()}
         for layer, layer_type in zip(self.layers, self.layer_types):
             x = layer(ropes[layer_type], x, meta)
         return self.norm(x)

@@ -33,7 +33,7 @@ def test_longrope_picks_factors_by_prompt_length_as_transformers(prompt_len):
     positions = torch.arange(prompt_len)
     cos_ref, sin_ref = theirs(torch.zeros(1, dtype=torch.float32), positions[None])
     ours = RotaryEmbedding(HEAD_DIM, 512, rope_parameters(config))
-    cos, sin = ours(prefill_metadata(prompt_len), torch.float32)
+    cos, sin = ours(prefill_metadata(prompt_len))
     assert cos.shape == (prompt_len, 1, 12)  # partial rotary: 3/4 of the head
     torch.testing.assert_close(cos[:, 0], cos_ref[0], atol=0, rtol=0)
     torch.testing.assert_close(sin[:, 0], sin_ref[0], atol=0, rtol=0)
@@ -41,7 +41,7 @@ def test_longrope_picks_factors_by_prompt_length_as_transformers(prompt_len):
 
 def test_partial_rotary_leaves_the_rest_of_the_head():
     config = phi3_config(rope_type="default")
-    cos, sin = RotaryEmbedding(HEAD_DIM, 64, rope_parameters(config))(prefill_metadata(20), torch.float32)
+    cos, sin = RotaryEmbedding(HEAD_DIM, 64, rope_parameters(config))(prefill_metadata(20))
     q, k = torch.randn(2, 20, 4, HEAD_DIM)
     q_ref, k_ref = phi3_apply_rotary(q.transpose(0, 1), k.transpose(0, 1), cos[:, 0], sin[:, 0], unsqueeze_dim=0)
     torch.testing.assert_close(apply_rotary(q, cos, sin), q_ref.transpose(0, 1))
@@ -56,6 +56,6 @@ def test_gemma3_rope_per_layer_type(layer_type):
                          "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}},
     )
     cos_ref, sin_ref = Gemma3RotaryEmbedding(config)(torch.zeros(1), torch.arange(100)[None], layer_type)
-    cos, sin = RotaryEmbedding(HEAD_DIM, 128, rope_parameters(config, layer_type))(prefill_metadata(100), torch.float32)
+    cos, sin = RotaryEmbedding(HEAD_DIM, 128, rope_parameters(config, layer_type))(prefill_metadata(100))
     torch.testing.assert_close(cos[:, 0], cos_ref[0], atol=0, rtol=0)
     torch.testing.assert_close(sin[:, 0], sin_ref[0], atol=0, rtol=0)

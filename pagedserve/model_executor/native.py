@@ -1,0 +1,62 @@
+"""Native C++ code built on first use: a source file next to its Python wrapper is compiled with the system
+g++ (`-O3 -march=native -fopenmp`, no torch headers: plain C ABI called through ctypes) and cached in
+`~/.cache/pagedserve/kernels`, keyed by the source, the compiler flags and this CPU's feature flags (it is built
+for this CPU). The build takes about a second. Without a compiler, or with `PAGEDSERVE_NATIVE=0`, `load`
+returns None and callers keep their PyTorch path. OpenMP is the libgomp the torch wheel already loaded (same
+soname), so torch and these kernels share one thread pool.
+"""
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger("pagedserve")
+
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC"]
+
+
+def cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(source: Path, compiler: str) -> Path:
+    key = hashlib.sha256(
+        "\0".join([source.read_text(), compiler, *FLAGS, platform.machine(), cpu_flags()]).encode()
+    ).hexdigest()[:16]
+    cache_dir = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pagedserve" / "kernels"
+    library = cache_dir / f"{source.stem}-{key}.so"
+    if not library.exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:  # build aside, then rename: safe between processes
+            built = Path(tmp) / library.name
+            subprocess.run([compiler, *FLAGS, str(source), "-o", str(built)], check=True, capture_output=True,
+                           text=True)
+            built.replace(library)
+    return library
+
+
+def load(source: Path, what: str) -> ctypes.CDLL | None:
+    """The compiled library of `source`, or None (with one warning naming `what` falls back) if it cannot be
+    built here."""
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        logger.warning("no C++ compiler found: %s uses the PyTorch path", what)
+        return None
+    try:
+        return ctypes.CDLL(str(_build(source, compiler)))
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = (getattr(error, "stderr", "") or str(error))[-2000:]
+        logger.warning("building %s failed, using the PyTorch path: %s", source.name, detail)
+        return None
