@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -31,9 +32,16 @@ def cpu_flags() -> str:
     return platform.processor()
 
 
+def _sources(source: Path) -> list[str]:
+    """The source and the local headers it includes (`#include "..."`), whose text keys the cache."""
+    text = source.read_text()
+    headers = re.findall(r'^#include "([^"]+)"', text, re.MULTILINE)
+    return [text, *((source.parent / header).read_text() for header in headers)]
+
+
 def _build(source: Path, compiler: str) -> Path:
     key = hashlib.sha256(
-        "\0".join([source.read_text(), compiler, *FLAGS, platform.machine(), cpu_flags()]).encode()
+        "\0".join([*_sources(source), compiler, *FLAGS, platform.machine(), cpu_flags()]).encode()
     ).hexdigest()[:16]
     cache_dir = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pagedserve" / "kernels"
     library = cache_dir / f"{source.stem}-{key}.so"

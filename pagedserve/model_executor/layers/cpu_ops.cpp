@@ -4,48 +4,15 @@
 // sizes those passes were about a quarter of a step. Math in float32, one rounding when stored.
 // Plain C ABI (called through ctypes), built on first use like the attention kernel (see native.py).
 
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
+#include "../native_simd.h"
 
 namespace {
 
-inline float to_float(float x) { return x; }
-inline float to_float(uint16_t x) {  // bfloat16 bits -> float32
-  uint32_t bits = uint32_t(x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-inline void store(float* p, float x) { *p = x; }
-inline void store(uint16_t* p, float x) {  // round to nearest even, as torch does
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  if (std::isnan(x)) {
-    *p = 0x7fc0;
-    return;
-  }
-  bits += 0x7fff + ((bits >> 16) & 1);
-  *p = uint16_t(bits >> 16);
-}
-
+using native::store;
+using native::to_float;
 #ifdef __AVX512F__
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const uint16_t* p) {
-  __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
-inline void store16(uint16_t* p, __m512 x) {  // round to nearest even (no NaN in normalised activations)
-  __m512i bits = _mm512_castps_si512(x);
-  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
-}
+using native::load16;
+using native::store16;
 #endif
 
 // out[r] = x[r] / rms(x[r]) * weight; x and out may be the same rows. Rows are `stride` elements apart.

@@ -1,0 +1,142 @@
+"""pagedserve against vLLM's CPU build offline, through the same `LLM` API script, on the same bf16 weights.
+
+    python benchmarks/offline_vs_vllm.py [--output BENCHMARKS.md] [--rounds 2] [--quick]
+
+One worker process per engine and round (this file, run with `--worker ENGINE` by that engine's Python:
+`.venv` for pagedserve, `.peers/vllm` for vLLM; `peers.py` installs vLLM once), engines interleaved: A B, then
+B A. Before each worker the script waits (bounded) for a 1-minute load under 1 and records it. Each worker
+loads the model once (vLLM's start-up, about a minute of torch.compile, is not timed) and runs:
+- output tok/s of B requests at once, 128 random prompt tokens and 128 generated (`ignore_eos`, greedy), for B
+  in 1, 16, 64, 256;
+- long prompts: 32 requests of 1,024 prompt tokens and 128 generated (output tok/s);
+- prefill: 32 requests of 1,024 prompt tokens and 1 generated (prompt tok/s).
+Prompts are random token ids drawn from a fixed seed, new for every workload and round (no prefix-cache hits),
+the same for both engines. Each engine keeps its own defaults otherwise (vLLM: 128-token KV blocks,
+its own token budget per step; pagedserve: 16-token blocks, 2,048). Writes the `offline-vs-vllm` section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+
+WORKLOADS = [("1 x 128/128", 1, 128, 128), ("16 x 128/128", 16, 128, 128), ("64 x 128/128", 64, 128, 128),
+             ("256 x 128/128", 256, 128, 128), ("long: 32 x 1024/128", 32, 1024, 128),
+             ("prefill: 32 x 1024/1", 32, 1024, 1)]
+QUICK_WORKLOADS = [("1 x 32/16", 1, 32, 16), ("8 x 64/16", 8, 64, 16), ("prefill: 4 x 256/1", 4, 256, 1)]
+KV_CACHE_GIB = 2
+MAX_MODEL_LEN = 2048
+
+
+def worker(engine: str, model: str, quick: bool, round_index: int) -> None:
+    """Run every workload in this process and print one JSON line of results."""
+    if engine == "vllm":
+        from vllm import LLM, SamplingParams
+
+        llm = LLM(model=model, dtype="bfloat16", max_model_len=MAX_MODEL_LEN, max_num_seqs=256)
+        kwargs: dict = {"use_tqdm": False}
+    else:
+        from pagedserve import LLM, SamplingParams
+
+        llm = LLM(model, dtype="bfloat16", max_model_len=MAX_MODEL_LEN, max_num_seqs=256,
+                  kv_cache_memory_bytes=KV_CACHE_GIB << 30)
+        kwargs = {"use_tqdm": False}
+    llm.generate([{"prompt_token_ids": [100] * 16}], SamplingParams(max_tokens=4, temperature=0), **kwargs)
+    results = {}
+    for i, (name, batch, prompt_len, max_tokens) in enumerate(QUICK_WORKLOADS if quick else WORKLOADS):
+        rng = random.Random(1000 * round_index + i)
+        prompts = [{"prompt_token_ids": [rng.randrange(100, 40000) for _ in range(prompt_len)]} for _ in range(batch)]
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, **kwargs)
+        elapsed = time.perf_counter() - start
+        generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+        assert generated == batch * max_tokens, f"{name}: {generated} tokens, not {batch * max_tokens}"
+        rate = batch * prompt_len / elapsed if max_tokens == 1 else generated / elapsed
+        results[name] = rate
+    print("RESULTS " + json.dumps(results), flush=True)
+
+
+def run_worker(engine: str, python: str, model: str, quick: bool, round_index: int, env: dict) -> dict:
+    command = [python, os.path.abspath(__file__), "--worker", engine, "--model", model, "--round", str(round_index)]
+    if quick:
+        command.append("--quick")
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env}, timeout=3600)
+    for line in result.stdout.splitlines():
+        if line.startswith("RESULTS "):
+            return json.loads(line[len("RESULTS "):])
+    raise RuntimeError(f"{engine} worker failed ({result.returncode}):\n{result.stderr[-3000:]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", default=None, help="rewrite this file's offline-vs-vllm section")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script")
+    parser.add_argument("--worker", choices=["pagedserve", "vllm"], help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args.model, args.quick, args.round)
+        return
+
+    import peers
+    from common import log, machine_description, markdown_table, wait_for_load_below
+    from report import replace_section
+
+    started = time.monotonic()
+    vllm_python = os.path.join(peers.setup_vllm(), "bin", "python")
+    model = peers.export_hf_dir()
+    engines = {"pagedserve": (sys.executable, {}),
+               "vllm": (vllm_python, {**peers.VLLM_ENV, "VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB)})}
+    results: dict[str, list[dict]] = {"pagedserve": [], "vllm": []}
+    loads: dict[str, list[float]] = {"pagedserve": [], "vllm": []}
+    for r in range(args.rounds):
+        order = ["pagedserve", "vllm"] if r % 2 == 0 else ["vllm", "pagedserve"]
+        for engine in order:
+            load = wait_for_load_below(1.0, 30 if args.quick else 600)
+            log(f"round {r + 1}: {engine} (1-minute load {load:.2f})")
+            python, env = engines[engine]
+            results[engine].append(run_worker(engine, python, model, args.quick, r, env))
+            loads[engine].append(load)
+            log(f"  {results[engine][-1]}")
+
+    rows = []
+    for name, *_ in QUICK_WORKLOADS if args.quick else WORKLOADS:
+        ours = [res[name] for res in results["pagedserve"]]
+        theirs = [res[name] for res in results["vllm"]]
+        ratios = [a / b for a, b in zip(ours, theirs)]
+        unit = "prompt tok/s" if name.startswith("prefill") else "output tok/s"
+        rows.append([name, unit, " / ".join(f"{x:.1f}" for x in ours), " / ".join(f"{x:.1f}" for x in theirs),
+                     " / ".join(f"{x:.2f}" for x in ratios), f"**{statistics.median(ratios):.2f}x**"])
+    load_rows = [[engine, " / ".join(f"{x:.2f}" for x in loads[engine])] for engine in loads]
+    minutes = (time.monotonic() - started) / 60
+    body = "\n".join([
+        "## Offline: pagedserve vs vLLM through the same script", "",
+        f"Generated by `python benchmarks/offline_vs_vllm.py{' --quick' if args.quick else ''}` in {minutes:.1f} "
+        f"min. {__doc__.split(chr(10) + chr(10))[2]}", "",
+        *(["**--quick run: sizes shrunk to check the script; do not quote these numbers.**", ""] if args.quick
+          else []),
+        markdown_table(["machine", ""], machine_description()), "",
+        "Weights: SmolLM2-135M-Instruct in bfloat16, the same HF directory for both (the default GGUF "
+        f"dequantized once, `peers.export_hf_dir`); KV cache {KV_CACHE_GIB} GiB each, `max_model_len` "
+        f"{MAX_MODEL_LEN}, `max_num_seqs` 256. Rounds: pagedserve first in odd rounds, vLLM first in even ones.", "",
+        markdown_table(["workload", "unit", "pagedserve, per round", "vLLM 0.32 CPU, per round",
+                        "ratio per round", "median ratio"], rows), "",
+        markdown_table(["engine", "1-minute load before each round"], load_rows), "",
+        "Goal (issue 13): >= 1.25x vLLM at every size, on long prompts and in prefill.",
+    ])
+    print(body)
+    if args.output:
+        replace_section(args.output, "offline-vs-vllm", body)
+
+
+if __name__ == "__main__":
+    main()
