@@ -74,11 +74,12 @@ class ModelRunner:
         self.block_size = config.block_size
         self.num_kv_blocks = self._num_kv_blocks()
         self.kv_caches = self._allocate_kv_cache()
-        if self.device.type == "cpu":  # build (or load the cached) kernel now, not in the first step
+        if self.device.type == "cpu":  # build (or load the cached) kernels now, not in the first step
             native = cpu_kernel.supports(torch.empty(0, dtype=self.config.dtype))
             head_dim = self.model.attention_layers()[0].head_dim
             path = f"native CPU kernel ({cpu_kernel.kernel_path(head_dim)} loop)" if native else "PyTorch path"
-            logger.info("decode attention: %s", path)
+            amx = cpu_kernel.supports_prefill(torch.empty(1, 1, head_dim, dtype=self.config.dtype), self.block_size)
+            logger.info("decode attention: %s; prefill attention: %s", path, "AMX kernel" if amx else "PyTorch SDPA")
         self.sampler = Sampler()
         self.requests: dict[str, CachedRequestState] = {}  # the persistent batch, by request id
         self.generators: dict[str, torch.Generator] = {}  # seeded requests' own generators

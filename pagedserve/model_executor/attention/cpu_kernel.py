@@ -1,6 +1,6 @@
-"""The native CPU decode-attention kernel: built from `paged_attention_cpu.cpp` on first use (see `native.py`),
-called via ctypes. Without a C++ compiler, or with `PAGEDSERVE_ATTENTION_BACKEND=torch`, attention stays on the
-portable PyTorch path.
+"""The native CPU attention kernels, built on first use (see `native.py`) and called via ctypes: decode from
+`paged_attention_cpu.cpp`, AMX prefill from `paged_prefill_cpu.cpp`. Without a C++ compiler, or with
+`PAGEDSERVE_ATTENTION_BACKEND=torch`, attention stays on the portable PyTorch path.
 """
 
 import ctypes
@@ -74,3 +74,62 @@ def paged_decode_attention(
         num_seqs, num_heads, num_kv_heads, head_dim, num_blocks, block_size, scale, soft_cap or 0.0,
     )
     return out
+
+
+_PREFILL_SOURCE = Path(__file__).with_name("paged_prefill_cpu.cpp")
+
+
+@functools.cache
+def load_prefill_kernel() -> ctypes.CDLL | None:
+    """The AMX prefill-attention library (paged_prefill_cpu.cpp), or None where it cannot be built."""
+    if os.environ.get("PAGEDSERVE_ATTENTION_BACKEND", "native") == "torch":
+        return None
+    library = native.load(_PREFILL_SOURCE, "prefill attention")
+    if library is None:
+        return None
+    library.paged_prefill_attention_supported.restype = ctypes.c_int
+    library.paged_prefill_attention_supported.argtypes = [ctypes.c_int64, ctypes.c_int64]
+    library.paged_prefill_attention_bf16.restype = None
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    library.paged_prefill_attention_bf16.argtypes = [
+        pointer, size, pointer, size, pointer, size, size, size, pointer, pointer, pointer, pointer, size, size, size,
+        ctypes.c_float,
+    ]
+    return library
+
+
+def supports_prefill(q: torch.Tensor, block_size: int) -> bool:
+    """The AMX prefill kernel runs bf16 with head_dim 64 on CPUs with AMX (else: PyTorch's SDPA)."""
+    if q.device.type != "cpu" or q.dtype != torch.bfloat16 or q.stride(-1) != 1 or q.stride(-2) != q.shape[-1]:
+        return False
+    library = load_prefill_kernel()
+    return library is not None and bool(library.paged_prefill_attention_supported(q.shape[-1], block_size))
+
+
+def paged_prefill_attention(
+    out: torch.Tensor,
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    query_starts: torch.Tensor,
+    query_lens: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+) -> None:
+    """Causal attention of every prefill chunk of the step, written into `out` ([T, H, D], rows contiguous).
+
+    q: [T, H, D] (rows may be strided); kv_cache: [2, Hkv, num_blocks, block_size, D], holding the chunks' own K/V
+    already; per chunk (int64 [C]): its first row in q, its length, its context length (its positions end there);
+    block_tables: [C, >= blocks of the longest context] int64. Call only where `supports_prefill`."""
+    assert kv_cache.is_contiguous() and out.stride(-2) == out.shape[-1] and out.stride(-1) == 1
+    for t in (query_starts, query_lens, context_lens):
+        assert t.dtype == torch.int64 and t.is_contiguous()
+    assert block_tables.dtype == torch.int64 and block_tables.stride(1) == 1
+    _, num_kv_heads, num_blocks, block_size, _ = kv_cache.shape
+    library = load_prefill_kernel()
+    assert library is not None
+    library.paged_prefill_attention_bf16(
+        out.data_ptr(), out.stride(0), q.data_ptr(), q.stride(0), kv_cache.data_ptr(), num_blocks, block_size,
+        len(query_starts), query_starts.data_ptr(), query_lens.data_ptr(), context_lens.data_ptr(),
+        block_tables.data_ptr(), block_tables.stride(0), q.shape[1], num_kv_heads, scale,
+    )

@@ -37,6 +37,12 @@ class AttentionMetadata:
     max_decode_context_len: int
     block_size: int
     prefills: list[PrefillChunk]
+    # the prefill chunks again, as int64 tensors for a kernel that takes them all at once: first row in the
+    # flat batch, length, context length, and block tables [C, max blocks] (padded with 0)
+    prefill_query_starts: torch.Tensor
+    prefill_query_lens: torch.Tensor
+    prefill_context_lens: torch.Tensor
+    prefill_block_tables: torch.Tensor
     # sliding window -> (block tables, mask) of the decode rows: made by the first layer with that window
     _decode_windows: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 
@@ -72,12 +78,13 @@ class AttentionMetadata:
         slots = torch.arange(decode_tables.shape[1] * block_size)
         decode_mask = (slots[None, :] < decode_ctx[:, None])[None, :, None, :]
 
+        prefill_reqs = torch.nonzero(~is_decode).flatten()
         prefills = [
             PrefillChunk(
                 int(starts[i]), query_lens[i], context_lens[i],
                 tables[i, : (context_lens[i] + block_size - 1) // block_size].to(device),
             )
-            for i in torch.nonzero(~is_decode).flatten().tolist()
+            for i in prefill_reqs.tolist()
         ]
         return cls(
             positions=positions.to(device),
@@ -90,6 +97,10 @@ class AttentionMetadata:
             max_decode_context_len=max_decode_ctx,
             block_size=block_size,
             prefills=prefills,
+            prefill_query_starts=starts[prefill_reqs].to(device),
+            prefill_query_lens=q_lens[prefill_reqs].to(device),
+            prefill_context_lens=ctx_lens[prefill_reqs].to(device),
+            prefill_block_tables=tables[prefill_reqs].to(device),
         )
 
     def decode_view(self, sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,7 +187,15 @@ def paged_attention(
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         out[meta.decode_rows] = torch.matmul(probs, kv[1]).transpose(0, 1).reshape(num_decodes, num_heads, head_dim)
 
-    for chunk in meta.prefills:
+    prefills = meta.prefills
+    window_binds = sliding_window is not None and any(c.context_len > sliding_window for c in prefills)
+    if prefills and soft_cap is None and not window_binds and cpu_kernel.supports_prefill(q, meta.block_size):
+        cpu_kernel.paged_prefill_attention(
+            out, q, kv_cache, meta.prefill_query_starts, meta.prefill_query_lens, meta.prefill_context_lens,
+            meta.prefill_block_tables, scale,
+        )
+        prefills = []
+    for chunk in prefills:
         rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
         start = chunk.context_len - chunk.query_len  # position of the chunk's first query
         # a window shorter than the context is the only case that differs from plain causal attention

@@ -109,3 +109,61 @@ def test_the_build_is_cached(monkeypatch, tmp_path, fresh_kernel):
 def test_other_dtypes_are_not_supported():
     assert cpu_kernel.supports(torch.zeros(1, 1, 8))
     assert not cpu_kernel.supports(torch.zeros(1, 1, 8, dtype=torch.float16))
+
+
+# ---- the AMX prefill kernel -----------------------------------------------------------------------------------
+
+needs_amx = pytest.mark.skipif(
+    not cpu_kernel.supports_prefill(torch.empty(1, 1, 64, dtype=torch.bfloat16), 16),
+    reason="the prefill kernel needs AMX (amx_bf16) and a C++ compiler",
+)
+
+
+def dense_prefill(q, kv_cache, chunks, tables, block_size, scale):
+    """Causal attention of each chunk's queries over its context, in float64. chunks: (first row, length,
+    context length)."""
+    num_heads, num_kv_heads = q.shape[1], kv_cache.shape[1]
+    group = num_heads // num_kv_heads
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for (start, length, context), table in zip(chunks, tables):
+        positions = torch.arange(context)
+        blocks = torch.tensor(table)[positions // block_size]
+        k = kv_cache[0][:, blocks, positions % block_size].double().repeat_interleave(group, 0)  # [H, L, D]
+        v = kv_cache[1][:, blocks, positions % block_size].double().repeat_interleave(group, 0)
+        queries = q[start : start + length].double().transpose(0, 1)  # [H, Tq, D]
+        scores = queries @ k.transpose(1, 2) * scale
+        visible = positions[None, :] <= torch.arange(context - length, context)[:, None]
+        out[start : start + length] = (scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v).transpose(0, 1)
+    return out
+
+
+@needs_amx
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(9, 3), (8, 8), (12, 4)])
+@pytest.mark.parametrize("block_size", [16, 32, 64])
+def test_prefill_kernel_matches_dense_attention(num_heads, num_kv_heads, block_size):
+    """Several chunks in one call: fresh prompts and chunks after cached context, lengths off every tile size."""
+    gen = torch.Generator().manual_seed(block_size + num_heads)
+    shapes = [(37, 37), (5, 300), (100, 100), (1, 33), (64, 64), (17, 80), (130, 200)]  # (new tokens, context)
+    num_blocks = sum((context + block_size - 1) // block_size for _, context in shapes) + 3
+    kv_cache = torch.randn(2, num_kv_heads, num_blocks, block_size, 64, generator=gen).bfloat16()
+    free = torch.randperm(num_blocks, generator=gen).tolist()  # scattered blocks
+    tables, chunks, row = [], [], 0
+    for length, context in shapes:
+        tables.append([free.pop() for _ in range((context + block_size - 1) // block_size)])
+        chunks.append((row, length, context))
+        row += length
+    q = torch.randn(row, num_heads, 64, generator=gen).bfloat16()
+    width = max(len(t) for t in tables)
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    out = torch.zeros_like(q)
+    starts, lengths, contexts = (torch.tensor(column) for column in zip(*chunks))
+    cpu_kernel.paged_prefill_attention(out, q, kv_cache, starts, lengths, contexts, block_tables, 0.125)
+    # bf16 inputs and probabilities: the output's rounding and P's, as PyTorch's own bf16 attention
+    torch.testing.assert_close(out.double(), dense_prefill(q, kv_cache, chunks, tables, block_size, 0.125),
+                               atol=1.5e-2, rtol=1.5e-2)
+
+
+def test_prefill_kernel_declines_what_it_does_not_do():
+    assert not cpu_kernel.supports_prefill(torch.empty(1, 1, 64), 16)  # float32
+    assert not cpu_kernel.supports_prefill(torch.empty(1, 1, 128, dtype=torch.bfloat16), 16)  # head_dim 128
+    assert not cpu_kernel.supports_prefill(torch.empty(1, 1, 64, dtype=torch.bfloat16), 8)  # block size

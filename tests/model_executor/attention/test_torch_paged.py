@@ -50,40 +50,67 @@ def decode_backend(request, monkeypatch):
     assert bool(kernel_calls) == (request.param == "native"), f"decode rows did not take the {request.param} path"
 
 
-@pytest.mark.parametrize("block_size", [4, 16])
-@pytest.mark.parametrize("window", [None, 1, 8, 33, 1000])
-@pytest.mark.parametrize("soft_cap", [None, 2.0])
-def test_matches_dense_attention(block_size, window, soft_cap, decode_backend):
+def build_batch(block_size, head_dim=HEAD_DIM, dtype=torch.float32):
+    """REQUESTS in scattered blocks, earlier tokens' K/V already cached. Returns (q, k, v of this step, kv_cache,
+    metadata, per request (q, full k, full v))."""
     gen = torch.Generator().manual_seed(0)
     num_blocks = sum((c + n + block_size - 1) // block_size for c, n in REQUESTS) + 3
-    kv_cache = torch.zeros(2, NUM_KV_HEADS, num_blocks, block_size, HEAD_DIM)
+    kv_cache = torch.zeros(2, NUM_KV_HEADS, num_blocks, block_size, head_dim, dtype=dtype)
     free = torch.randperm(num_blocks, generator=gen).tolist()  # scattered blocks
-    block_tables, full_kv, qs = [], [], []
+    block_tables, per_request = [], []
     for cached, new in REQUESTS:
         total = cached + new
         table = [free.pop() for _ in range((total + block_size - 1) // block_size)]
-        k, v = torch.randn(2, total, NUM_KV_HEADS, HEAD_DIM, generator=gen)
+        k, v = torch.randn(2, total, NUM_KV_HEADS, head_dim, generator=gen).to(dtype)
         positions = torch.arange(cached)
         slots = torch.tensor(table)[positions // block_size] * block_size + positions % block_size
         write_kv(kv_cache, k[:cached], v[:cached], slots)  # what earlier steps wrote
         block_tables.append(table)
-        full_kv.append((k, v))
-        qs.append(torch.randn(new, NUM_HEADS, HEAD_DIM, generator=gen))
+        per_request.append((torch.randn(new, NUM_HEADS, head_dim, generator=gen).to(dtype), k, v))
 
     meta = AttentionMetadata.build(
         [n for _, n in REQUESTS], [c + n for c, n in REQUESTS], [c + n for c, n in REQUESTS],
         block_tables, block_size, torch.device("cpu"),
     )
-    q = torch.cat(qs)
-    k = torch.cat([k[c:] for (c, _), (k, _) in zip(REQUESTS, full_kv)])
-    v = torch.cat([v[c:] for (c, _), (_, v) in zip(REQUESTS, full_kv)])
+    q = torch.cat([q for q, _, _ in per_request])
+    k = torch.cat([k[c:] for (c, _), (_, k, _) in zip(REQUESTS, per_request)])
+    v = torch.cat([v[c:] for (c, _), (_, _, v) in zip(REQUESTS, per_request)])
+    return q, k, v, kv_cache, meta, per_request
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+@pytest.mark.parametrize("window", [None, 1, 8, 33, 1000])
+@pytest.mark.parametrize("soft_cap", [None, 2.0])
+def test_matches_dense_attention(block_size, window, soft_cap, decode_backend):
+    q, k, v, kv_cache, meta, per_request = build_batch(block_size)
     scale = 0.3
     out = paged_attention(q, k, v, kv_cache, meta, scale, window, soft_cap)
 
     row = 0
-    for (cached, new), (k_full, v_full), q_req in zip(REQUESTS, full_kv, qs):
+    for (cached, new), (q_req, k_full, v_full) in zip(REQUESTS, per_request):
         expected = dense_attention(q_req, k_full, v_full, cached, scale, window, soft_cap)
         torch.testing.assert_close(out[row : row + new], expected, atol=1e-5, rtol=1e-5)
+        row += new
+
+
+@pytest.mark.skipif(
+    not cpu_kernel.supports_prefill(torch.empty(1, 1, 64, dtype=torch.bfloat16), 16),
+    reason="the prefill kernel needs AMX (amx_bf16) and a C++ compiler",
+)
+@pytest.mark.parametrize("window,soft_cap,kernel_runs", [(None, None, True), (1000, None, True), (33, None, False),
+                                                         (None, 2.0, False)])
+def test_bf16_prefill_takes_the_amx_kernel_where_it_applies(monkeypatch, window, soft_cap, kernel_runs):
+    """bf16 with head_dim 64: every prefill chunk in one kernel call, unless a window binds or scores are capped."""
+    calls = []
+    real_kernel = cpu_kernel.paged_prefill_attention
+    monkeypatch.setattr(cpu_kernel, "paged_prefill_attention", lambda *args: calls.append(1) or real_kernel(*args))
+    q, k, v, kv_cache, meta, per_request = build_batch(16, head_dim=64, dtype=torch.bfloat16)
+    out = paged_attention(q, k, v, kv_cache, meta, 0.125, window, soft_cap)
+    assert bool(calls) == kernel_runs
+    row = 0
+    for (cached, new), (q_req, k_full, v_full) in zip(REQUESTS, per_request):
+        expected = dense_attention(q_req.double(), k_full.double(), v_full.double(), cached, 0.125, window, soft_cap)
+        torch.testing.assert_close(out[row : row + new].double(), expected, atol=2e-2, rtol=2e-2)
         row += new
 
 
