@@ -31,8 +31,10 @@ bench: $(STAMP)
 	$(PY) benchmarks/multi_turn.py --output BENCHMARKS.md
 	$(PY) benchmarks/structured_output.py --output BENCHMARKS.md
 	$(PY) benchmarks/agent_sessions.py --output BENCHMARKS.md   # vLLM too: installs it under .peers/ once
+	$(PY) benchmarks/step_profile.py --output BENCHMARKS.md
 
-# vLLM (CPU build) and llama.cpp in their own venvs under .peers/ (installed once), then the same sweep
-# and the agent workload against each, one server at a time.
+# vLLM (CPU build) and llama.cpp in their own venvs under .peers/ (installed once), then served sweeps (vLLM's
+# client and ours) and the agent workload against each, one server at a time; then offline, through one script.
 bench-peers: $(STAMP)
 	$(PY) benchmarks/peers.py --output BENCHMARKS.md
+	$(PY) benchmarks/offline_vs_vllm.py --output BENCHMARKS.md

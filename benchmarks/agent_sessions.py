@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import httpx
 import multi_turn
 import peers
-from common import log, machine_description, markdown_table, wait_for_load_below
+from common import QUIET_OTHER_CORES, OtherLoadMeter, log, machine_description, markdown_table, wait_for_quiet
 from report import replace_section
 from serving import PAGEDSERVE_FLAGS, REPO, ServerProcess, free_port, pagedserve_command
 from tqdm import tqdm
@@ -60,7 +60,6 @@ POOL_QUANTUM = math.lcm(PAGEDSERVE_BLOCK, VLLM_BLOCK)  # pools are whole blocks 
 PRESSURE_FRACTION = 0.5  # the pressure pool: this share of all the final histories
 ROOMY_FRACTION = 1.25  # the no-pressure pool: all the final histories and some room
 MAX_NUM_SEQS = "256"  # above the session count in both servers
-LOAD_THRESHOLD = 1.0  # each variant waits (bounded) for the 1-minute load to fall below this
 SAMPLE_METRICS_S = 1.0  # how often the gauges are read during a run (for their peaks)
 
 Q = "vllm:prefix_cache_queries_total"
@@ -358,13 +357,14 @@ async def _drive(base_url: str, variant: Variant, system: str, sessions: list[Se
 def run_variant(variant: Variant, sizes: Sizes, system: str, sessions: list[Session], workload: Workload,
                 max_load_wait_s: float, run_timeout_s: float, show_progress: bool) -> dict:
     """One server, one pass of the workload: the measurements, or {"error": ...} (the report shows it)."""
-    load = wait_for_load_below(LOAD_THRESHOLD, max_load_wait_s)
+    wait_for_quiet(max_load_wait_s)
+    meter = OtherLoadMeter().start()
     port = free_port()
     server = server_for(variant, sizes, port)
-    result: dict = {"load_1min": load}
+    result: dict = {}
     try:
         with server:
-            log(f"agent sessions: {variant.engine}, {variant.label} (1-minute load {load:.2f})")
+            log(f"agent sessions: {variant.engine}, {variant.label}")
             coro = _drive(server.base_url, variant, system, sessions, workload.turns, sizes.system_prefix_tokens,
                           show_progress)
             result.update(asyncio.run(asyncio.wait_for(coro, run_timeout_s)))
@@ -373,6 +373,7 @@ def run_variant(variant: Variant, sizes: Sizes, system: str, sessions: list[Sess
     except Exception as e:  # a server that does not start (an unknown flag, vLLM missing) or fails mid-run
         result["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         log(f"  {variant.label}: {result['error']}\n{server.log_tail(15) if os.path.exists(server.log_path) else ''}")
+    result["machine"] = meter.stop().label()
     if variant.engine == "vllm":
         result["vllm_pool_tokens"] = vllm_pool_tokens(server.log_path)
     if "error" not in result:
@@ -382,9 +383,9 @@ def run_variant(variant: Variant, sizes: Sizes, system: str, sessions: list[Sess
 
 
 def combine(rounds: list[dict]) -> dict:
-    """The rounds of one variant as one result: times and counts summed, TTFTs pooled, peaks and load maxed."""
+    """The rounds of one variant as one result: times and counts summed, TTFTs pooled, peaks maxed."""
     good = [r for r in rounds if "error" not in r]
-    out: dict = {"load_1min": max(r["load_1min"] for r in rounds), "rounds": len(good),
+    out: dict = {"machine": " / ".join(r["machine"] for r in rounds), "rounds": len(good),
                  "failed_rounds": [r["error"] for r in rounds if "error" in r]}
     out["vllm_pool_tokens"] = next((r["vllm_pool_tokens"] for r in rounds if r.get("vllm_pool_tokens")), None)
     if not good:
@@ -466,8 +467,7 @@ def variant_table(results: dict[str, dict], variants: dict[str, Variant], turns:
         return lambda r, v: "-" if name not in r["peaks"] else f"{scale * r['peaks'][name]:,.0f}{suffix}"
 
     rows = [
-        ["1-minute load before the run", *(f"{results[v]['load_1min']:.2f}" + (" (**loaded**)" if results[v][
-            "load_1min"] >= LOAD_THRESHOLD else "") for v in labels)],
+        ["rest of the machine during each round", *(results[v]["machine"] for v in labels)],
         row("sessions completed", lambda r, v: f"{r['completed']} / {r['sessions']}"),
         row("sessions / min", lambda r, v: f"{sessions_per_min(r):.2f}"),
         row("total time (s)", lambda r, v: f"{r['total_s'] / max(1, r['rounds']):.1f}"),
@@ -583,8 +583,9 @@ def section(results: dict[str, dict], variants: dict[str, Variant], workload: Wo
                  f"{' '.join(vllm_args(sizes))}`, "
                  + " ".join(f"{k}={v}" for k, v in vllm_env(sizes).items())
                  + "; otherwise its defaults (fcfs); same bf16 weights, no session fields sent"),
-        ("Before each run", f"waited (bounded) for a 1-minute load below {LOAD_THRESHOLD:g}; a run started above it "
-                            "is marked **loaded**"),
+        ("Before each run", f"waited (bounded) until other processes used under {QUIET_OTHER_CORES} cores; the "
+                            "CPU they used during the run is recorded, and a run where it was more is marked "
+                            "**under load**"),
     ]
     lines += [markdown_table(["", ""], rows), ""]
     lines += [f"- {note}" for note in notes] + ([""] if notes else [])

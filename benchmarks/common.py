@@ -214,13 +214,89 @@ def load_1min() -> float:
     return float(fields[0]) if fields else float("nan")
 
 
-def wait_for_load_below(threshold: float, max_wait_s: float, poll_s: float = 5.0) -> float:
-    """Wait, at most `max_wait_s`, for the 1-minute load average to fall below `threshold`; the last reading."""
+# Others may use this much CPU (in cores, averaged over a measurement) before it is marked as measured under load.
+QUIET_OTHER_CORES = 0.2
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _processes() -> dict[int, tuple[int, str, float]]:
+    """pid -> (parent pid, command name, CPU seconds used so far), for every process readable in /proc."""
+    table = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.isdigit():
+            continue
+        stat = _read(f"/proc/{entry}/stat")
+        if not stat:
+            continue
+        name = stat[stat.find("(") + 1 : stat.rfind(")")]
+        fields = stat[stat.rfind(")") + 2 :].split()  # from field 3 (state) on
+        table[int(entry)] = (int(fields[1]), name, (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS)
+    return table
+
+
+def _descendants(table: dict[int, tuple[int, str, float]], root: int) -> set[int]:
+    mine, added = {root}, True
+    while added:
+        added = False
+        for pid, (ppid, _, _) in table.items():
+            if ppid in mine and pid not in mine:
+                mine.add(pid)
+                added = True
+    return mine
+
+
+@dataclass
+class MachineLoad:
+    """What the rest of the machine did during a measurement: the benchmark's own processes (this one and its
+    children: servers, engine processes, workers) are left out, so it measures other work, not ourselves."""
+
+    load_1min: float  # at the start, for the record (it counts the benchmark itself too)
+    other_cores: float  # CPU used by other processes, in cores, averaged over the measurement
+    busiest: list[tuple[str, float]]  # the busiest other processes: (command, cores)
+
+    @property
+    def quiet(self) -> bool:
+        return self.other_cores < QUIET_OTHER_CORES
+
+    def label(self) -> str:
+        """"load 0.93, others 0.02 cores", with the busiest others and a bold mark when it was not quiet."""
+        text = f"load {self.load_1min:.2f}, others {self.other_cores:.2f} cores"
+        if not self.quiet:
+            text += " (" + ", ".join(f"{name} {cores:.2f}" for name, cores in self.busiest) + ") **under load**"
+        return text
+
+
+class OtherLoadMeter:
+    """Measure the CPU that processes outside this benchmark use between `start()` and `stop()`."""
+
+    def start(self) -> OtherLoadMeter:
+        self.load_1min = load_1min()
+        self.t0 = time.monotonic()
+        self.before = _processes()
+        return self
+
+    def stop(self) -> MachineLoad:
+        after = _processes()
+        elapsed = max(time.monotonic() - self.t0, 1e-3)
+        mine = _descendants(after, os.getpid()) | _descendants(self.before, os.getpid())
+        used = {}
+        for pid, (_, name, cpu) in after.items():
+            if pid not in mine:
+                used[pid] = (name, (cpu - (self.before[pid][2] if pid in self.before else 0.0)) / elapsed)
+        busiest = sorted(used.values(), key=lambda x: -x[1])[:3]
+        return MachineLoad(self.load_1min, sum(cores for _, cores in used.values()),
+                           [(name, cores) for name, cores in busiest if cores >= 0.01])
+
+
+def wait_for_quiet(max_wait_s: float, window_s: float = 2.0) -> MachineLoad:
+    """Wait, at most `max_wait_s`, until other processes use less than QUIET_OTHER_CORES over a `window_s`
+    window; the last window's reading (`.quiet` says whether the wait succeeded)."""
     deadline = time.monotonic() + max_wait_s
-    load = load_1min()
-    if load >= threshold:
-        log(f"1-minute load {load:.2f}: waiting up to {max_wait_s:.0f} s for it to fall below {threshold:g}")
-    while load >= threshold and time.monotonic() < deadline:
-        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
-        load = load_1min()
-    return load
+    while True:
+        meter = OtherLoadMeter().start()
+        time.sleep(window_s)
+        reading = meter.stop()
+        if reading.quiet or time.monotonic() >= deadline:
+            return reading
+        log(f"machine busy ({reading.label()}): waiting, at most {deadline - time.monotonic():.0f} s more")
+        time.sleep(min(10.0, max(0.0, deadline - time.monotonic())))

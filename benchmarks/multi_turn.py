@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import httpx
-from common import log, machine_description, markdown_table
+from common import OtherLoadMeter, log, machine_description, markdown_table, wait_for_quiet
 from report import replace_section
 from serving import PAGEDSERVE_FLAGS, REPO, ServerProcess, free_port, pagedserve_command
 from tqdm import tqdm
@@ -162,12 +162,16 @@ async def _run(base_url: str, workload: Workload, tokenizer_path: str | None, sh
 
 
 def run_workload(base_url: str, workload: Workload, tokenizer_path: str | None = None,
-                 show_progress: bool = True) -> dict:
-    """Run the whole workload against the server at `base_url`; the measurements as a JSON-ready dict.
+                 show_progress: bool = True, max_quiet_wait_s: float = 300.0) -> dict:
+    """Run the whole workload against the server at `base_url`; the measurements as a JSON-ready dict. It
+    first waits (bounded) for the rest of the machine to be quiet, and records what it used meanwhile.
 
     `tokenizer_path` (HF directory or .gguf) sizes the messages; None: the default SmolLM2 model's.
     """
+    wait_for_quiet(max_quiet_wait_s)
+    meter = OtherLoadMeter().start()
     result = asyncio.run(_run(base_url, workload, tokenizer_path, show_progress))
+    result["machine"] = meter.stop().label()
     hit_rate = "-" if result["hit_rate"] is None else f"{100 * result['hit_rate']:.1f}%"
     log(f"  {result['total_s']:.1f} s, {result['output_throughput']:,.1f} out tok/s, hit rate {hit_rate}")
     return result
@@ -205,6 +209,7 @@ def report_tables(runs: dict[str, dict]) -> str:
         ["TTFT turn 1, mean / p99 (ms)", *per_run(lambda r: _ttft(r["ttft_by_turn"][0]))],
         [f"TTFT turn {last}, mean / p99 (ms)", *per_run(lambda r: _ttft(r["ttft_by_turn"][-1]))],
         [f"TTFT turn {last} / turn 1 (means)", *per_run(lambda r: f"{_turn_ratio(r):.2f}x")],
+        ["rest of the machine during the run", *per_run(lambda r: r.get("machine", "-"))],
     ]
     turns = [[str(t + 1), *per_run(lambda r, t=t: _ttft(r["ttft_by_turn"][t]))] for t in range(last)]
     return "\n\n".join([

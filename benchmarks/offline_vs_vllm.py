@@ -3,13 +3,15 @@
     python benchmarks/offline_vs_vllm.py [--output BENCHMARKS.md] [--rounds 2] [--quick]
 
 One worker process per engine and round (this file, run with `--worker ENGINE` by that engine's Python:
-`.venv` for pagedserve, `.peers/vllm` for vLLM; `peers.py` installs vLLM once), engines interleaved: A B, then
-B A. Before each worker the script waits (bounded) for a 1-minute load under 1 and records it. Each worker
-loads the model once (vLLM's start-up, about a minute of torch.compile, is not timed) and runs:
+`.venv` for pagedserve, `.peers/vllm` for vLLM; `peers.py` installs vLLM once), engines interleaved: A B C, then
+C B A. Before each worker the script waits (bounded) for a quiet machine (other processes under 0.2 cores) and
+records what the rest of the machine used while the worker ran. Each worker loads the model once (vLLM's
+start-up, about a minute of torch.compile, is not timed) and runs:
 - output tok/s of B requests at once, 128 random prompt tokens and 128 generated (`ignore_eos`, greedy), for B
   in 1, 16, 64, 256;
 - long prompts: 32 requests of 1,024 prompt tokens and 128 generated (output tok/s);
 - prefill: 32 requests of 1,024 prompt tokens and 1 generated (prompt tok/s).
+pagedserve runs a second time per round with overlapped scheduling (`async_scheduling=True`), unless --no-async.
 Prompts are random token ids drawn from a fixed seed, new for every workload and round (no prefix-cache hits),
 the same for both engines. Each engine keeps its own defaults otherwise (vLLM: 128-token KV blocks,
 its own token budget per step; pagedserve: 16-token blocks, 2,048). Writes the `offline-vs-vllm` section.
@@ -30,6 +32,7 @@ WORKLOADS = [("1 x 128/128", 1, 128, 128), ("16 x 128/128", 16, 128, 128), ("64 
              ("256 x 128/128", 256, 128, 128), ("long: 32 x 1024/128", 32, 1024, 128),
              ("prefill: 32 x 1024/1", 32, 1024, 1)]
 QUICK_WORKLOADS = [("1 x 32/16", 1, 32, 16), ("8 x 64/16", 8, 64, 16), ("prefill: 4 x 256/1", 4, 256, 1)]
+ASYNC = "pagedserve-async"  # pagedserve with async_scheduling=True, interleaved with the others
 KV_CACHE_GIB = 2
 MAX_MODEL_LEN = 2048
 
@@ -45,7 +48,7 @@ def worker(engine: str, model: str, quick: bool, round_index: int) -> None:
         from pagedserve import LLM, SamplingParams
 
         llm = LLM(model, dtype="bfloat16", max_model_len=MAX_MODEL_LEN, max_num_seqs=256,
-                  kv_cache_memory_bytes=KV_CACHE_GIB << 30)
+                  kv_cache_memory_bytes=KV_CACHE_GIB << 30, async_scheduling=engine == ASYNC)
         kwargs = {"use_tqdm": False}
     llm.generate([{"prompt_token_ids": [100] * 16}], SamplingParams(max_tokens=4, temperature=0), **kwargs)
     results = {}
@@ -79,7 +82,8 @@ def main() -> None:
     parser.add_argument("--output", default=None, help="rewrite this file's offline-vs-vllm section")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script")
-    parser.add_argument("--worker", choices=["pagedserve", "vllm"], help=argparse.SUPPRESS)
+    parser.add_argument("--no-async", action="store_true", help="skip the pagedserve --async-scheduling runs")
+    parser.add_argument("--worker", choices=["pagedserve", ASYNC, "vllm"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -88,7 +92,7 @@ def main() -> None:
         return
 
     import peers
-    from common import log, machine_description, markdown_table, wait_for_load_below
+    from common import OtherLoadMeter, log, machine_description, markdown_table, wait_for_quiet
     from report import replace_section
 
     started = time.monotonic()
@@ -96,17 +100,20 @@ def main() -> None:
     model = peers.export_hf_dir()
     engines = {"pagedserve": (sys.executable, {}),
                "vllm": (vllm_python, {**peers.VLLM_ENV, "VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB)})}
-    results: dict[str, list[dict]] = {"pagedserve": [], "vllm": []}
-    loads: dict[str, list[float]] = {"pagedserve": [], "vllm": []}
+    if not args.no_async:
+        engines[ASYNC] = (sys.executable, {})
+    results: dict[str, list[dict]] = {engine: [] for engine in engines}
+    machine: dict[str, list[str]] = {engine: [] for engine in engines}
     for r in range(args.rounds):
-        order = ["pagedserve", "vllm"] if r % 2 == 0 else ["vllm", "pagedserve"]
+        order = list(engines) if r % 2 == 0 else list(engines)[::-1]
         for engine in order:
-            load = wait_for_load_below(1.0, 30 if args.quick else 600)
-            log(f"round {r + 1}: {engine} (1-minute load {load:.2f})")
+            wait_for_quiet(30 if args.quick else 600)
+            log(f"round {r + 1}: {engine}")
             python, env = engines[engine]
+            meter = OtherLoadMeter().start()
             results[engine].append(run_worker(engine, python, model, args.quick, r, env))
-            loads[engine].append(load)
-            log(f"  {results[engine][-1]}")
+            machine[engine].append(meter.stop().label())
+            log(f"  {results[engine][-1]}; {machine[engine][-1]}")
 
     rows = []
     for name, *_ in QUICK_WORKLOADS if args.quick else WORKLOADS:
@@ -116,7 +123,11 @@ def main() -> None:
         unit = "prompt tok/s" if name.startswith("prefill") else "output tok/s"
         rows.append([name, unit, " / ".join(f"{x:.1f}" for x in ours), " / ".join(f"{x:.1f}" for x in theirs),
                      " / ".join(f"{x:.2f}" for x in ratios), f"**{statistics.median(ratios):.2f}x**"])
-    load_rows = [[engine, " / ".join(f"{x:.2f}" for x in loads[engine])] for engine in loads]
+        if ASYNC in results:
+            overlapped = [res[name] for res in results[ASYNC]]
+            rows[-1] += [" / ".join(f"{x:.1f}" for x in overlapped),
+                         f"{statistics.median(a / b for a, b in zip(overlapped, ours)):.2f}x"]
+    machine_rows = [[engine, r + 1, label] for engine, labels in machine.items() for r, label in enumerate(labels)]
     minutes = (time.monotonic() - started) / 60
     body = "\n".join([
         "## Offline: pagedserve vs vLLM through the same script", "",
@@ -127,10 +138,13 @@ def main() -> None:
         markdown_table(["machine", ""], machine_description()), "",
         "Weights: SmolLM2-135M-Instruct in bfloat16, the same HF directory for both (the default GGUF "
         f"dequantized once, `peers.export_hf_dir`); KV cache {KV_CACHE_GIB} GiB each, `max_model_len` "
-        f"{MAX_MODEL_LEN}, `max_num_seqs` 256. Rounds: pagedserve first in odd rounds, vLLM first in even ones.", "",
+        f"{MAX_MODEL_LEN}, `max_num_seqs` 256. Rounds: the order of the engines is reversed in every other round.", "",
         markdown_table(["workload", "unit", "pagedserve, per round", "vLLM 0.32 CPU, per round",
-                        "ratio per round", "median ratio"], rows), "",
-        markdown_table(["engine", "1-minute load before each round"], load_rows), "",
+                        "ratio per round", "median ratio",
+                        *(["pagedserve --async-scheduling, per round", "async / sync (median)"]
+                          if ASYNC in results else [])], rows), "",
+        markdown_table(["engine", "round", "rest of the machine during the worker (includes its start-up)"],
+                       machine_rows), "",
         "Goal (issue 13): >= 1.25x vLLM at every size, on long prompts and in prefill.",
     ])
     print(body)

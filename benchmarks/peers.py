@@ -4,8 +4,11 @@
 
 Sets up the peers once, in their own venvs under `.peers/` (ignored by git; every step is skipped when its
 result is already there), then one server at a time (2 cores: never two at once):
-  1. the serving sweep of `pagedserve bench serve` against pagedserve (default placement), vLLM and llama.cpp;
-  2. the multi-turn agent workload (`multi_turn.py`) against pagedserve and vLLM, prefix caching on in both.
+  1. pagedserve and vLLM in interleaved rounds (A B, then B A), each server swept by vLLM's own client
+     (`vllm bench serve`) and by `pagedserve bench serve` at concurrency 1, 16, 64, 256;
+  2. llama.cpp at concurrency 1 and 4 (one round, our client);
+  3. the multi-turn agent workload (`multi_turn.py`) against pagedserve and vLLM, prefix caching on in both.
+Before each level it waits (bounded) for the rest of the machine to be quiet, and records what it used.
 Writes the `peers` section of the output file and a PNG chart next to it.
 
 Weights: SmolLM2-135M-Instruct, bfloat16 in all three. pagedserve reads the bundled Q4_1 GGUF and
@@ -16,28 +19,28 @@ dequantizes it; the peers get those same dequantized weights, saved once as an H
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 
+import httpx
 import multi_turn
-from common import log, machine_description, markdown_table
+from common import QUIET_OTHER_CORES, OtherLoadMeter, fmt, log, machine_description, markdown_table, wait_for_quiet
 from report import replace_section
 from serving import (
     PAGEDSERVE_FLAGS,
-    QUICK_CLIENT_ARGS,
     REPO,
     ServerProcess,
     chart_link,
-    client_settings,
     free_port,
     pagedserve_command,
     plot_sweeps,
     run_sweep,
-    sweep_tables,
-    throughput_ratios,
 )
 
 PEERS = os.path.join(REPO, ".peers")
@@ -181,8 +184,81 @@ SERVERS = {
     "vllm": lambda port: vllm_server(port, VLLM_ENV),
     "llama.cpp": llama_cpp_server,
 }
-# llama.cpp serves one request at a time: one request per concurrent client keeps its sweep near 10 minutes.
-CLIENT_ARGS = {"pagedserve": [], "vllm": [], "llama.cpp": [*LLAMA_CPP_CLIENT_ARGS, "--prompts-per-concurrency", "1"]}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The two clients
+# ----------------------------------------------------------------------------------------------------------
+
+LEVELS = (1, 16, 64, 256)
+LLAMA_CPP_LEVELS = (1, 4)  # it serves one request at a time: higher levels only lengthen its queue
+INPUT_LEN = OUTPUT_LEN = 128
+ROUNDS = 2
+OUR_CLIENT, VLLM_BENCH = "pagedserve bench serve", "vllm bench serve"
+# vLLM's own client, `vllm bench serve`, through its module (the `vllm` command needs the `vllm` package name).
+VLLM_CLIENT = """import sys
+from vllm.benchmarks.serve import add_cli_args, main
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+parser = FlexibleArgumentParser()
+add_cli_args(parser)
+main(parser.parse_args(sys.argv[1:]))"""
+
+
+def num_prompts(concurrency: int) -> int:
+    """Requests per level, the same rule for both clients: two per concurrent client, 8 to 512."""
+    return min(512, max(8, 2 * concurrency))
+
+
+def served_model(base_url: str) -> str:
+    return httpx.get(f"{base_url}/v1/models", timeout=30).json()["data"][0]["id"]
+
+
+def vllm_client_level(base_url: str, concurrency: int, seed: int, quick: bool) -> dict:
+    """One concurrency level of `vllm bench serve` (random dataset, `ignore_eos`), run by vLLM's Python, in the
+    shape of a `pagedserve bench serve` level."""
+    python = os.path.join(PEERS, "vllm", "bin", "python")
+    prompts, length = (4, 16) if quick else (num_prompts(concurrency), INPUT_LEN)
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(
+            [python, "-c", VLLM_CLIENT, "--backend", "openai", "--base-url", base_url, "--endpoint", "/v1/completions",
+             "--model", served_model(base_url), "--tokenizer", HF_DIR, "--dataset-name", "random",
+             "--random-input-len", str(length), "--random-output-len", str(length), "--num-prompts", str(prompts),
+             "--max-concurrency", str(concurrency), "--request-rate", "inf", "--ignore-eos", "--seed", str(seed),
+             "--percentile-metrics", "ttft,tpot,itl", "--metric-percentiles", "50,99", "--disable-tqdm",
+             "--save-result", "--result-dir", tmp, "--result-filename", "result.json"],
+            check=True, env={**os.environ, **VLLM_ENV}, stdout=subprocess.DEVNULL)
+        with open(os.path.join(tmp, "result.json")) as f:
+            r = json.load(f)
+
+    def stats(metric: str) -> dict:
+        return {"mean": r[f"mean_{metric}_ms"], "p50": r[f"median_{metric}_ms"], "p99": r[f"p99_{metric}_ms"]}
+
+    return {"concurrency": concurrency, "num_prompts": prompts, "completed": r["completed"],
+            "failed": prompts - r["completed"], "output_throughput": r["output_throughput"],
+            "ttft_ms": stats("ttft"), "tpot_ms": stats("tpot")}
+
+
+def vllm_client_sweep(base_url: str, levels: tuple[int, ...], round_index: int, quick: bool) -> dict:
+    """`vllm bench serve` over the levels, each after a (bounded) wait for a quiet machine, each with what the
+    rest of the machine used while it ran."""
+    out = []
+    for concurrency in levels:
+        wait_for_quiet(30 if quick else 300)
+        meter = OtherLoadMeter().start()
+        level = vllm_client_level(base_url, concurrency, 1000 * round_index + concurrency, quick)
+        level["machine"] = meter.stop().label()
+        log(f"  vllm bench serve, concurrency {concurrency}: {level['output_throughput']:,.1f} out tok/s, "
+            f"TTFT p99 {level['ttft_ms']['p99']:,.0f} ms, {level['failed']} failed; {level['machine']}")
+        out.append(level)
+    return {"levels": out}
+
+
+def pagedserve_client_sweep(base_url: str, levels: tuple[int, ...], extra: list[str], round_index: int,
+                            quick: bool) -> dict:
+    args = ["--concurrency", *map(str, levels), "--seed", str(1000 * round_index), *extra]
+    if quick:
+        args += ["--input-len", "16", "--output-len", "16", "--num-prompts", "4", "--disable-tqdm"]
+    return run_sweep(base_url, args, max_quiet_wait_s=30 if quick else 300)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -190,39 +266,65 @@ CLIENT_ARGS = {"pagedserve": [], "vllm": [], "llama.cpp": [*LLAMA_CPP_CLIENT_ARG
 # ----------------------------------------------------------------------------------------------------------
 
 
-def goal_rows(sweeps: dict[str, dict], agent: dict[str, dict]) -> list[list[str]]:
-    """The issue's goals, each with what was measured and whether it is met."""
+def level_of(sweep: dict, concurrency: int) -> dict | None:
+    return next((lv for lv in sweep["levels"] if lv["concurrency"] == concurrency and lv["completed"]), None)
+
+
+def comparison_table(runs: dict[str, list[dict]], levels: tuple[int, ...]) -> tuple[str, dict[int, float]]:
+    """pagedserve vs vLLM, one client: output tok/s per round, the ratios and their median, and latencies of
+    the median rounds. Returns the table and the median ratio per level."""
+    rows, medians = [], {}
+    for c in levels:
+        ours = [level_of(s, c) for s in runs["pagedserve"]]
+        theirs = [level_of(s, c) for s in runs["vllm"]]
+        if None in ours or None in theirs:
+            rows.append([c, "-", "-", "-", "-", "-", "-"])
+            continue
+        ratios = [a["output_throughput"] / b["output_throughput"] for a, b in zip(ours, theirs)]
+        medians[c] = statistics.median(ratios)
+
+        def median_of(levels_: list, key: str, stat: str) -> float:
+            return statistics.median(lv[key][stat] for lv in levels_)
+
+        rows.append([
+            c,
+            " / ".join(f"{lv['output_throughput']:,.1f}" for lv in ours),
+            " / ".join(f"{lv['output_throughput']:,.1f}" for lv in theirs),
+            " / ".join(f"{r:.2f}" for r in ratios),
+            f"**{medians[c]:.2f}x**",
+            f"{median_of(ours, 'ttft_ms', 'p99'):,.0f} / {median_of(theirs, 'ttft_ms', 'p99'):,.0f}",
+            f"{median_of(ours, 'tpot_ms', 'p50'):,.1f} / {median_of(theirs, 'tpot_ms', 'p50'):,.1f}",
+        ])
+    header = ["concurrency", "pagedserve out tok/s, per round", "vLLM out tok/s, per round", "ratio per round",
+              "median ratio", "TTFT p99 ms (pagedserve / vLLM)", "TPOT p50 ms (pagedserve / vLLM)"]
+    return markdown_table(header, rows), medians
+
+
+def machine_rows(runs: dict[str, dict[str, list[dict]]]) -> list[list[str]]:
+    """One row per (client, engine, round): the rest of the machine during each of its levels."""
     rows = []
-
-    def add(goal: str, measured: str, met: bool) -> None:
-        rows.append([goal, measured, "met" if met else "**not met**"])
-
-    if {"pagedserve", "vllm"} <= sweeps.keys():
-        for c, r in throughput_ratios(sweeps, "pagedserve", "vllm").items():
-            if c >= 16:
-                add(f"output tok/s >= 1.25x vLLM's at concurrency {c}", f"{r:.2f}x", r >= 1.25)
-        ttft = {name: next((lv["ttft_ms"] for lv in sweeps[name]["levels"] if lv["concurrency"] == 64), None)
-                for name in ("pagedserve", "vllm")}
-        if all(ttft.values()):
-            a, b = ttft["pagedserve"]["p99"], ttft["vllm"]["p99"]
-            add("TTFT p99 at concurrency 64 <= vLLM's", f"{a:,.0f} ms vs {b:,.0f} ms", a <= b)
-    if {"pagedserve", "llama.cpp"} <= sweeps.keys():
-        r = throughput_ratios(sweeps, "pagedserve", "llama.cpp").get(1)
-        if r is not None:
-            add("output tok/s >= llama.cpp's at concurrency 1", f"{r:.2f}x", r >= 1.0)
-    if "pagedserve" in agent:
-        rows += multi_turn.goal_rows(agent["pagedserve"], agent.get("vllm"))
+    for client, engines in runs.items():
+        for engine, sweeps in engines.items():
+            for r, sweep in enumerate(sweeps):
+                cells = [f"{lv['concurrency']}: {lv.get('machine', '-')}" for lv in sweep["levels"]]
+                rows.append([client, engine, str(r + 1), "; ".join(cells)])
     return rows
 
 
-def section(sweeps: dict[str, dict], agent: dict[str, dict], output: str, chart: str, minutes: float,
-            quick: bool) -> str:
+def section(runs: dict[str, dict[str, list[dict]]], agent: dict[str, dict], ready_s: dict[str, list[float]],
+            output: str, chart: str, minutes: float, quick: bool) -> str:
     lines = [
-        "## Peers: pagedserve vs vLLM (CPU) vs llama.cpp",
+        "## Peers: pagedserve vs vLLM (CPU) vs llama.cpp, served",
         "",
         f"Generated by `make bench-peers` (`python benchmarks/peers.py{' --quick' if quick else ''}`) in "
         f"{minutes:.1f} min. One server at a time on this machine, same weights (SmolLM2-135M-Instruct, "
-        "bfloat16), driven by `pagedserve bench serve` over loopback HTTP.",
+        f"bfloat16). pagedserve and vLLM in {ROUNDS} rounds, interleaved (pagedserve first in odd rounds, vLLM "
+        "first in even ones); each server is swept by vLLM's own client (`vllm bench serve`, random dataset) and "
+        "by `pagedserve bench serve`, over loopback HTTP, random prompts of "
+        f"{INPUT_LEN} tokens and {OUTPUT_LEN} output tokens (`ignore_eos`, greedy, streamed), "
+        f"{', '.join(f'{c}: {num_prompts(c)}' for c in LEVELS)} requests per concurrency level, fresh prompts per "
+        "level and round (no prefix-cache hits between levels). Before each level the script waits (bounded) "
+        f"until other processes use under {QUIET_OTHER_CORES} cores, and records what they used during the level.",
         "",
     ]
     if quick:
@@ -236,23 +338,46 @@ def section(sweeps: dict[str, dict], agent: dict[str, dict], output: str, chart:
                          + "; VLLM_CPU_KVCACHE_SPACE=4 for the agent workload"))
     rows.append(("llama.cpp", f"llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} built with -DGGML_NATIVE=ON: "
                               "`python -m llama_cpp.server --model F-bf16.gguf --n_threads 2 --interrupt_requests "
-                              "False` (requests queue; the default cuts a stream short when another arrives); no "
-                              "`ignore_eos` there, so the end tokens get a -100 logit bias instead; one request per "
-                              "concurrent client"))
-    if sweeps:
-        rows.append(("Sweep client", client_settings(next(iter(sweeps.values())))))
+                              "False`; no `ignore_eos` there, so the end tokens get a -100 logit bias instead; one "
+                              "round, `pagedserve bench serve` only, concurrency "
+                              f"{', '.join(map(str, LLAMA_CPP_LEVELS))} (it serves one request at a time)"))
     if agent:
         workload = multi_turn.Workload(**next(iter(agent.values()))["workload"])
         rows.append(("Agent workload", multi_turn.workload_text(workload)))
     lines += [markdown_table(["", ""], rows), ""]
-    if sweeps:
-        lines += ["### Serving sweep", "", sweep_tables(sweeps), "", chart_link(output, chart), ""]
+    goals = []
+    for client, engines in runs.items():
+        if {"pagedserve", "vllm"} <= engines.keys():
+            table, medians = comparison_table(engines, LEVELS)
+            lines += [f"### pagedserve vs vLLM, client `{client}`", "", table, ""]
+            goals += [[f"output tok/s >= 1.25x vLLM's at concurrency {c} ({client})", f"{r:.2f}x",
+                       "met" if r >= 1.25 else "**not met**"] for c, r in medians.items()]
+    if "llama.cpp" in runs.get(OUR_CLIENT, {}):
+        ours = runs[OUR_CLIENT].get("pagedserve", [])
+        llama = runs[OUR_CLIENT]["llama.cpp"][0]
+        llama_rows = []
+        for c in LLAMA_CPP_LEVELS:
+            theirs, mine = level_of(llama, c), [level_of(s, c) for s in ours]
+            mine_tok_s = statistics.median(lv["output_throughput"] for lv in mine if lv) if any(mine) else None
+            llama_rows.append([c, fmt(mine_tok_s), fmt(theirs["output_throughput"] if theirs else None)])
+        lines += ["### pagedserve vs llama.cpp, client `pagedserve bench serve`", "",
+                  markdown_table(["concurrency", "pagedserve out tok/s (median round)", "llama.cpp out tok/s"],
+                                 llama_rows), ""]
+    if ready_s:
+        lines += ["Server start-up, launch to the first `200` from `/health`, seconds per round: "
+                  + "; ".join(f"{name} {' / '.join(f'{s:.1f}' for s in values)}" for name, values in ready_s.items())
+                  + " (vLLM compiles its model with torch.compile at every start).", ""]
+    if runs:
+        lines += [chart_link(output, chart), "", "The rest of the machine during each level:", "",
+                  markdown_table(["client", "engine", "round", "per level"], machine_rows(runs)), ""]
     if agent:
-        lines += ["### Multi-turn agent workload, prefix caching on", "", multi_turn.report_tables(agent), ""]
-    goals = goal_rows(sweeps, agent)
+        lines += ["### Multi-turn agent workload, prefix caching on (one run each)", "",
+                  multi_turn.report_tables(agent), ""]
+        goals += multi_turn.goal_rows(agent["pagedserve"], agent.get("vllm")) if "pagedserve" in agent else []
     if goals:
         lines += ["### Goals", "", markdown_table(["goal", "measured", ""], goals)]
     return "\n".join(lines)
+
 
 
 def main() -> None:
@@ -278,13 +403,28 @@ def main() -> None:
         return
 
     start = time.monotonic()
-    sweeps, agent = {}, {}
-    for name in args.engines:
+    runs: dict[str, dict[str, list[dict]]] = {VLLM_BENCH: {}, OUR_CLIENT: {}}
+    ready_s: dict[str, list[float]] = {}
+    pair = [e for e in ("pagedserve", "vllm") if e in args.engines]
+    for r in range(ROUNDS):
+        for name in pair if r % 2 == 0 else pair[::-1]:
+            port = free_port()
+            with SERVERS[name](port) as server:
+                log(f"round {r + 1}: {name}")
+                ready_s.setdefault(name, []).append(server.ready_s)
+                if "vllm" in args.engines:  # vLLM's client runs in vLLM's venv
+                    runs[VLLM_BENCH].setdefault(name, []).append(
+                        vllm_client_sweep(server.base_url, LEVELS, r, args.quick))
+                runs[OUR_CLIENT].setdefault(name, []).append(
+                    pagedserve_client_sweep(server.base_url, LEVELS, [], r, args.quick))
+    if "llama.cpp" in args.engines:
         port = free_port()
-        with SERVERS[name](port) as server:
-            log(f"sweep: {name}")
-            quick = [*QUICK_CLIENT_ARGS, "--disable-tqdm"] if args.quick else []
-            sweeps[name] = run_sweep(server.base_url, [*quick, *CLIENT_ARGS[name]])
+        with SERVERS["llama.cpp"](port) as server:
+            log("llama.cpp")
+            runs[OUR_CLIENT]["llama.cpp"] = [
+                pagedserve_client_sweep(server.base_url, LLAMA_CPP_LEVELS, LLAMA_CPP_CLIENT_ARGS, 0, args.quick)]
+    runs = {client: engines for client, engines in runs.items() if engines}
+    agent = {}
     if not args.skip_multi_turn:
         workload = multi_turn.Workload.quick() if args.quick else multi_turn.Workload()
         agent_servers = {"pagedserve": pagedserve_server, "vllm": lambda p: vllm_server(p, VLLM_MULTI_TURN_ENV)}
@@ -293,10 +433,14 @@ def main() -> None:
                 port = free_port()
                 with server(port) as s:
                     log(f"multi-turn workload: {name}")
-                    agent[name] = multi_turn.run_workload(s.base_url, workload)
-    if sweeps:
-        plot_sweeps(sweeps, chart, "Serving SmolLM2-135M (bf16) on this CPU: pagedserve and its peers")
-    body = section(sweeps, agent, args.output, chart, (time.monotonic() - start) / 60, args.quick)
+                    agent[name] = multi_turn.run_workload(s.base_url, workload, max_quiet_wait_s=30 if args.quick
+                                                          else 300)
+    client = VLLM_BENCH if VLLM_BENCH in runs else OUR_CLIENT
+    if client in runs:
+        plot_sweeps({f"{engine}, round {i + 1}": sweep for engine, sweeps in runs[client].items()
+                     for i, sweep in enumerate(sweeps)}, chart,
+                    f"Serving SmolLM2-135M (bf16) on this CPU, client `{client}`")
+    body = section(runs, agent, ready_s, args.output, chart, (time.monotonic() - start) / 60, args.quick)
     replace_section(args.output, "peers", body)
     print(body)
 

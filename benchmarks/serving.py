@@ -22,7 +22,7 @@ import tempfile
 import time
 
 import httpx
-from common import log, machine_description, markdown_table
+from common import QUIET_OTHER_CORES, OtherLoadMeter, log, machine_description, markdown_table, wait_for_quiet
 from report import replace_section
 
 from pagedserve.benchmarks import serve
@@ -53,6 +53,7 @@ class ServerProcess:
         self.startup_timeout = startup_timeout
         self.log_path = os.path.join(tempfile.gettempdir(), f"bench-{name.replace(' ', '_')}-{port}.log")
         self.process: subprocess.Popen | None = None
+        self.ready_s: float | None = None  # launch -> first 200 from ready_path
 
     @property
     def base_url(self) -> str:
@@ -69,7 +70,8 @@ class ServerProcess:
         except BaseException:
             self.stop()
             raise
-        log(f"{self.name} ready in {time.monotonic() - start:.0f} s")
+        self.ready_s = time.monotonic() - start
+        log(f"{self.name} ready in {self.ready_s:.0f} s")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -112,18 +114,41 @@ def pagedserve_command(port: int, *flags: str) -> list[str]:
             *PAGEDSERVE_FLAGS, *flags]
 
 
-def run_sweep(base_url: str, client_args: list[str]) -> dict:
-    """`pagedserve bench serve --base-url URL CLIENT_ARGS...`, in this process; its results dict."""
+def run_sweep(base_url: str, client_args: list[str], max_quiet_wait_s: float = 300.0) -> dict:
+    """`pagedserve bench serve --base-url URL CLIENT_ARGS...`, in this process, one concurrency level at a time:
+    before each level it waits (bounded) for the rest of the machine to be quiet, and each level records what
+    the rest of the machine used while it ran (`level["machine"]`, a MachineLoad label). Its results dict."""
     parser = argparse.ArgumentParser()
     serve.add_arguments(parser)
     ns = parser.parse_args(["--base-url", base_url, *client_args])
     serve.validate(ns)
-    results = asyncio.run(serve.run(ns))
-    for level in results["levels"]:
-        log(f"  concurrency {level['concurrency']}: {level['output_throughput']:,.1f} out tok/s, "
+    results: dict = {}
+    seed = ns.seed
+    for i, concurrency in enumerate(list(ns.concurrency)):
+        wait_for_quiet(max_quiet_wait_s)
+        # its own prompts per level (seed), so a prefix cache cannot serve one level from another's prompts
+        ns.concurrency, ns.seed = [concurrency], seed + 1000 * i
+        meter = OtherLoadMeter().start()
+        one = asyncio.run(serve.run(ns))
+        machine = meter.stop()
+        level = one["levels"][0]
+        level["machine"] = machine.label()
+        log(f"  concurrency {concurrency}: {level['output_throughput']:,.1f} out tok/s, "
             f"TTFT p99 {level['ttft_ms']['p99'] if level['ttft_ms'] else float('nan'):,.0f} ms, "
-            f"{level['failed']} failed")
+            f"{level['failed']} failed; {machine.label()}")
+        if results:
+            results["levels"].append(level)
+        else:
+            results = one
     return results
+
+
+def machine_table(sweeps: dict[str, dict]) -> str:
+    """The rest of the machine's CPU use during each level of each sweep."""
+    levels = sorted({lv["concurrency"] for results in sweeps.values() for lv in results["levels"]})
+    rows = [[c, *(next((lv.get("machine", "-") for lv in r["levels"] if lv["concurrency"] == c), "-")
+                  for r in sweeps.values())] for c in levels]
+    return markdown_table(["concurrency", *sweeps], rows)
 
 
 def plot_sweeps(sweeps: dict[str, dict], path: str, title: str) -> None:
@@ -204,6 +229,12 @@ def section(sweeps: dict[str, dict], output: str, chart: str, minutes: float, qu
         ]),
         "",
         sweep_tables({f"engine loop in a {p}": results for p, results in sweeps.items()}),
+        "",
+        "Before each level the script waits (bounded) until other processes use under "
+        f"{QUIET_OTHER_CORES} cores; the rest of the machine during each level (1-minute load at its start, "
+        "the CPU other processes used while it ran):",
+        "",
+        machine_table({f"engine loop in a {p}": results for p, results in sweeps.items()}),
         "",
         chart_link(output, chart),
     ]

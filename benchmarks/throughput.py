@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 import torch
 from common import (
     DTYPES,
+    QUIET_OTHER_CORES,
     ModelCost,
+    OtherLoadMeter,
     copy_bandwidth,
     fmt,
     log,
@@ -34,6 +36,7 @@ from common import (
     markdown_table,
     matmul_flops,
     pct,
+    wait_for_quiet,
 )
 from report import replace_section
 
@@ -46,8 +49,6 @@ from pagedserve.model_executor.gguf_loader import (
 )
 from pagedserve.model_files import default_model_path
 
-# Quoted from the issue, NOT measured here: vLLM 0.32 (CPU backend) on the same workload, output tok/s.
-VLLM_QUOTED = {1: 38, 16: 359, 64: 485, 256: 528}
 HF_CACHE_DIR = os.path.expanduser("~/.cache/pagedserve/bench")
 
 
@@ -104,6 +105,7 @@ class RunResult:
     seconds: float
     preemptions: int | None = None
     token_ids: list[list[int]] = field(default_factory=list, repr=False)
+    machine: str = ""  # the rest of the machine during the run (MachineLoad.label)
 
     @property
     def tok_s(self) -> float:
@@ -182,6 +184,12 @@ def common_prefix_fraction(a: list[list[int]], b: list[list[int]]) -> float:
     return sum(fractions) / len(fractions) if fractions else float("nan")
 
 
+def quiet_meter(s: Settings) -> OtherLoadMeter:
+    """Wait (bounded) for the rest of the machine to be quiet, then start measuring what it uses."""
+    wait_for_quiet(10 if s.quick else 300)
+    return OtherLoadMeter().start()
+
+
 def release_memory() -> None:
     gc.collect()
 
@@ -210,13 +218,14 @@ def pagedserve_runs(
     for n in batch_sizes or s.batch_sizes:
         log(f"pagedserve {dtype}: {n} requests x {s.output_len} tokens ...")
         preempted_before = llm.stats().num_preemptions
+        meter = quiet_meter(s)
         start = time.perf_counter()
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:n]], s.sampling(), use_tqdm=False)
         seconds = time.perf_counter() - start
         token_ids = [list(o.outputs[0].token_ids) for o in outs]
         result = RunResult("pagedserve", dtype, n, n, sum(map(len, token_ids)), seconds,
-                           llm.stats().num_preemptions - preempted_before, token_ids)
-        log(f"  {result.tok_s:,.1f} tok/s ({seconds:.1f} s)")
+                           llm.stats().num_preemptions - preempted_before, token_ids, meter.stop().label())
+        log(f"  {result.tok_s:,.1f} tok/s ({seconds:.1f} s); {result.machine}")
         results.append(result)
     stats = llm.stats()
     del llm
@@ -284,20 +293,22 @@ def transformers_runs(
 
     log(f"transformers {dtype}: {s.hf_single_requests} requests one at a time ...")
     token_ids, seconds = [], 0.0
+    meter = quiet_meter(s)
     for p in prompts[: s.hf_single_requests]:
         ids, t = hf_generate(model, [p], s.output_len, pad_id)
         token_ids += ids
         seconds += t
     results = [RunResult("transformers", dtype, 1, len(token_ids), sum(map(len, token_ids)), seconds,
-                         token_ids=token_ids)]
-    log(f"  {results[-1].tok_s:,.1f} tok/s ({seconds:.1f} s)")
+                         token_ids=token_ids, machine=meter.stop().label())]
+    log(f"  {results[-1].tok_s:,.1f} tok/s ({seconds:.1f} s); {results[-1].machine}")
 
     for n in batch_sizes or s.hf_batch_sizes:
         log(f"transformers {dtype}: static batch of {n} x {s.output_len} tokens ...")
+        meter = quiet_meter(s)
         token_ids, seconds = hf_generate(model, prompts[:n], s.output_len, pad_id)
         results.append(RunResult("transformers", dtype, n, n, sum(map(len, token_ids)), seconds,
-                                 token_ids=token_ids))
-        log(f"  {results[-1].tok_s:,.1f} tok/s ({seconds:.1f} s)")
+                                 token_ids=token_ids, machine=meter.stop().label()))
+        log(f"  {results[-1].tok_s:,.1f} tok/s ({seconds:.1f} s); {results[-1].machine}")
     del model
     release_memory()
     return results, description
@@ -543,10 +554,9 @@ def _ratio(a: RunResult | None, b: RunResult | None) -> str:
 
 def throughput_section(r: Report) -> str:
     s = r.settings
-    quoted_applies = (s.prompt_len, s.output_len) == (128, 128)
     header = ["dtype", "requests", "pagedserve tok/s", "wall s", "preemptions",
-              "transformers tok/s (same batch)", "× same batch", "× HF one at a time",
-              "vLLM CPU 0.32 tok/s (quoted)", "greedy agreement"]
+              "transformers tok/s (same batch)", "× same batch", "× HF one at a time", "greedy agreement",
+              "rest of the machine (pagedserve run)"]
     rows = []
     for dtype in s.dtypes:
         hf_single = r.find(r.hf, dtype, 1)
@@ -556,21 +566,22 @@ def throughput_section(r: Report) -> str:
             rows.append([
                 dtype, run.batch, fmt(run.tok_s), fmt(run.seconds), run.preemptions,
                 fmt(same.tok_s) if same else "-", _ratio(run, same), _ratio(run, hf_single),
-                VLLM_QUOTED.get(run.batch) if quoted_applies else None,
-                None if agreement is None else f"{100 * agreement:.0f}%",
+                None if agreement is None else f"{100 * agreement:.0f}%", run.machine,
             ])
     hf_rows = [
         [h.dtype, "one at a time" if h.batch == 1 else f"static batch {h.batch}", h.num_requests,
-         fmt(h.tok_s), fmt(h.seconds)]
+         fmt(h.tok_s), fmt(h.seconds), h.machine]
         for h in r.hf
     ]
     return "\n\n".join([
         markdown_table(header, rows),
         "*greedy agreement*: mean share of each output on which pagedserve and transformers agree "
         "before their first differing token (random-id prompts leave near-ties that rounding can flip, "
-        "more so in bf16). *vLLM* figures are quoted from the issue, not measured here.",
+        "more so in bf16). vLLM is measured against pagedserve in the `offline-vs-vllm` and `peers` sections. "
+        f"Each run first waits (bounded) until other processes use under {QUIET_OTHER_CORES} cores; *rest of the "
+        "machine*: the 1-minute load at its start and the CPU other processes used while it ran.",
         "transformers runs:",
-        markdown_table(["dtype", "mode", "requests", "tok/s", "wall s"], hf_rows),
+        markdown_table(["dtype", "mode", "requests", "tok/s", "wall s", "rest of the machine"], hf_rows),
     ])
 
 
@@ -665,11 +676,11 @@ def moe_section(m: MoeResult) -> str:
         agreement = common_prefix_fraction(run.token_ids, same.token_ids) if same else None
         rows.append([run.batch, fmt(run.tok_s), fmt(run.seconds), run.preemptions, fmt(same.tok_s) if same else "-",
                      _ratio(run, same), _ratio(run, hf_single),
-                     None if agreement is None else f"{100 * agreement:.0f}%"])
+                     None if agreement is None else f"{100 * agreement:.0f}%", run.machine])
     header = ["requests", "pagedserve tok/s", "wall s", "preemptions", "transformers tok/s (same batch)",
-              "× same batch", "× HF one at a time", "greedy agreement"]
+              "× same batch", "× HF one at a time", "greedy agreement", "rest of the machine (pagedserve run)"]
     hf_rows = [["one at a time" if h.batch == 1 else f"static batch {h.batch}", h.num_requests, fmt(h.tok_s),
-                fmt(h.seconds)] for h in m.hf]
+                fmt(h.seconds), h.machine] for h in m.hf]
     workload = (
         f"Workload: random prompts of {s.prompt_len} token ids, {s.output_len} output tokens, greedy, "
         f"`ignore_eos=True`. pagedserve: block_size={s.block_size}, max_num_seqs={s.max_num_seqs}, "
@@ -680,15 +691,8 @@ def moe_section(m: MoeResult) -> str:
     )
     return "\n\n".join([
         shape, workload, markdown_table(header, rows), "transformers runs:",
-        markdown_table(["mode", "requests", "tok/s", "wall s"], hf_rows),
+        markdown_table(["mode", "requests", "tok/s", "wall s", "rest of the machine"], hf_rows),
     ])
-
-
-QUOTED_NOTE = (
-    "vLLM CPU 0.32 on this workload (128 + 128 tokens): 38 tok/s at 1 request, 359 at 16, 485 at 64, 528 at "
-    "256. transformers, as the issue reports it for its machine: float32 17 tok/s one at a time and 147 at "
-    "batch 16; bfloat16 27 and 280."
-)
 
 
 def render(r: Report) -> str:
@@ -705,7 +709,6 @@ def render(r: Report) -> str:
         "## KV-cache waste", waste_section(r),
         "## Start-up time", startup_section(r),
         "## Mixture of experts: pagedserve vs transformers (output tokens/s)", moe_section(r.moe),
-        "## Reference figures (quoted from the issue, not measured here)", QUOTED_NOTE,
     ]) + "\n"
 
 

@@ -34,6 +34,8 @@ class EngineConfig:
     generation_defaults: dict[str, float | int]
     structured_outputs_backend: str  # "xgrammar", "guidance" or "auto"
     scheduling_policy: str
+    async_scheduling: bool  # overlap scheduling with the forward (see engine_core.py)
+    quantization: str | None = None  # "gguf": linear weights stay in their GGUF blocks (see loader.py)
 
 
 def cpu_supports_bf16() -> bool:
@@ -94,6 +96,10 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         raise ValueError(f"max_num_batched_tokens must be positive, got {max_num_batched_tokens}")
     if args.scheduling_policy not in SCHEDULING_POLICIES:
         raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {args.scheduling_policy!r}")
+    if args.quantization not in (None, "gguf"):
+        raise ValueError(f"quantization must be None or 'gguf', got {args.quantization!r}")
+    if args.quantization == "gguf" and not gguf_path:
+        raise ValueError("quantization='gguf' needs a .gguf model")
     num_kv_blocks = args.num_kv_blocks or args.num_gpu_blocks_override
     if num_kv_blocks is not None and num_kv_blocks <= 0:
         raise ValueError(f"num_kv_blocks must be positive, got {num_kv_blocks}")
@@ -115,6 +121,8 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         generation_defaults=generation_defaults(args.generation_config, model_path, gguf_path),
         structured_outputs_backend=structured_outputs_backend(args.structured_outputs_config),
         scheduling_policy=args.scheduling_policy,
+        async_scheduling=args.async_scheduling,
+        quantization=args.quantization,
     )
 
 

@@ -12,6 +12,7 @@ class EngineArgs:
     tokenizer: str | None = None
     gguf_file: str | None = None  # a GGUF file inside the `model` directory
     dtype: str = "auto"
+    quantization: str | None = None  # "gguf": keep a GGUF file's linear weights in their block format
     max_model_len: int | None = None
     block_size: int = 16
     max_num_seqs: int = 256
@@ -25,6 +26,7 @@ class EngineArgs:
     generation_config: str = "auto"  # sampling defaults: "auto" (the model's generation_config.json), "vllm", a dir
     structured_outputs_config: dict | None = None  # {"backend": "xgrammar" | "guidance" | "auto"}, as vLLM
     scheduling_policy: str = "fcfs"  # "fcfs", "priority" (vLLM's) or "session" (program-level, agent sessions)
+    async_scheduling: bool = False  # schedule step N+1 while step N's forward runs (vLLM's --async-scheduling)
 
     @classmethod
     def field_names(cls) -> set[str]:

@@ -7,9 +7,26 @@ caller's request id and the sample's index.
 A request with `structured_outputs` waits in the queue until its grammar is compiled (in the background, see
 StructuredOutputManager); each step the manager fills the token bitmask of the constrained rows that sample
 while the forward runs, and each accepted token advances the sample's matcher; the grammar's end finishes it.
+
+Overlapped scheduling (`async_scheduling`, vLLM's --async-scheduling): the model runs each step on a worker thread,
+and the core launches step N+1 behind step N before it takes N's result:
+
+    main thread:  schedule N+1, launch it | complete N: append tokens, stops, outputs | schedule N+2, launch it | ...
+    worker:       ...forward N ...........| forward N+1 ...........................................| forward N+2
+
+The scheduler counts tokens as computed when it schedules them, so a decode request of step N is scheduled again in
+N+1 before its token is known (a placeholder); the runner, which runs steps one at a time in launch order, feeds it
+the token it sampled in N. If the request finishes in N, its N+1 token is dropped. Freeing its blocks at once is
+safe: any step that gets them runs after N+1. A step that needs the core to have seen the previous token runs alone
+(the pipeline is drained before it and it is completed at once): one with grammar-constrained sampling rows (the
+bitmask needs the matcher past the previous token) or with a request whose samples fork after it (n > 1). If a step
+fails, the step launched behind it does not run and its requests are recomputed (see _complete).
 """
 
 import logging
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import cast
 
 from pagedserve.config import EngineConfig
@@ -22,6 +39,20 @@ from pagedserve.model_executor.model_runner import ModelRunner, ModelRunnerOutpu
 from pagedserve.sampling_params import SamplingParams
 
 logger = logging.getLogger("pagedserve")
+
+
+StepOutcome = tuple[ModelRunnerOutput, dict[str, str]] | None  # result, errors (req id -> message); None: not run
+
+
+@dataclass
+class LaunchedStep:
+    """A step handed to the model runner, until the core has taken its result (EngineCore._complete)."""
+
+    sched: SchedulerOutput
+    # The scheduled requests by id, as they were then: an id may be taken by a new request before the step ends.
+    requests: dict[str, Request]
+    sampling: list[Request]  # those whose chunk reaches their end: they sample a token
+    outcome: Future[StepOutcome] = field(default_factory=Future)
 
 
 class EngineCore:
@@ -42,6 +73,10 @@ class EngineCore:
         self.requests: dict[str, list[Request]] = {}  # the caller's id -> its unfinished samples
         self.eos_token_id = _eos_token_id(config)
         self.structured_output = StructuredOutputManager(config, self.eos_token_id)
+        # With async scheduling the forward runs here, and the core keeps one step in flight behind it.
+        self.worker = ThreadPoolExecutor(1, "engine-step") if config.async_scheduling else None
+        self.in_flight: deque[LaunchedStep] = deque()
+        self.step_failed = False  # set by _run when a step fails; later steps are then not run until drained
 
     def add_request(
         self,
@@ -103,31 +138,83 @@ class EngineCore:
             self._finish(sample, RequestStatus.FINISHED_STOPPED)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self.in_flight)
 
     def step(self) -> list[EngineCoreOutput]:
         outputs = self._admit_compiled()
         sched = self.scheduler.schedule()
         if not sched.num_scheduled_tokens:
+            if self.in_flight:
+                return outputs + self._drain()
             if self.structured_output.compiling:  # nothing to run until a grammar is ready
                 self.structured_output.wait_for_compile(timeout=0.05)
             return outputs
-        sampling = [req_id for req_id, num_new in sched.num_scheduled_tokens.items()
-                    if self._samples(self.scheduler.requests[req_id], num_new)]
-        sched.banned_token_ids = self._banned_token_ids(sampling)
+        requests = {req_id: self.scheduler.requests[req_id] for req_id in sched.num_scheduled_tokens}
+        step = LaunchedStep(sched, requests, [requests[req_id] for req_id in sched.sampling_req_ids])
+        alone = self.worker is None or any(
+            r.pending_forks or r.request_id in self.structured_output.matchers for r in step.sampling)
+        if alone:
+            outputs += self._drain()
+        self._launch(step)
+        self.in_flight.append(step)
+        while len(self.in_flight) > (0 if alone else 1):  # with overlap, the step just launched runs on
+            outputs += self._complete(self.in_flight.popleft())
+        return outputs
+
+    def _launch(self, step: LaunchedStep) -> None:
+        sampling = [r for r in step.sampling if not r.status.finished]  # some may have finished in a drain
+        step.sched.banned_token_ids = self._banned_token_ids(sampling)
         # Filled on a thread while the forward runs (the forward releases the GIL); the runner waits for it
         # before sampling.
-        sched.grammar_bitmask = self.structured_output.start_bitmask(sampling)
-        self.model_runner.update_states(sched)
-        result, errors = self._execute(sched, list(sched.num_scheduled_tokens))
-        if sched.grammar_bitmask is not None:  # the runner waited for it, unless the step failed before sampling
-            sched.grammar_bitmask.wait()
+        step.sched.grammar_bitmask = self.structured_output.start_bitmask([r.request_id for r in sampling])
+        if self.worker is None:
+            step.outcome.set_result(self._run(step))
+        else:
+            step.outcome = self.worker.submit(self._run, step)
+
+    def _run(self, step: LaunchedStep) -> StepOutcome:
+        """Run a step in the model runner (on the worker with async scheduling, in launch order). A step launched
+        behind one that failed is not run: its inputs may be tokens that were never sampled."""
+        self.model_runner.update_states(step.sched)
+        if self.step_failed:
+            return None
+        result, errors = self._execute(step.sched, list(step.sched.num_scheduled_tokens))
+        self.step_failed = bool(errors)
+        return result, errors
+
+    def _drain(self) -> list[EngineCoreOutput]:
+        outputs = []
+        while self.in_flight:
+            outputs += self._complete(self.in_flight.popleft())
+        return outputs
+
+    def _complete(self, step: LaunchedStep) -> list[EngineCoreOutput]:
+        """Take a step's result. The requests that broke it fail; then the step launched behind it (which did
+        not run) is undone: its requests are recomputed from the start, since they may read K/V (prefix hits)
+        the failed step did not write."""
+        outcome = step.outcome.result()
+        if step.sched.grammar_bitmask is not None:  # the runner waited for it, unless the step failed before sampling
+            step.sched.grammar_bitmask.wait()
+        if outcome is None:
+            for request in step.sampling:  # its token will never come
+                request.num_output_placeholders -= 1
+            running = [r for r in step.requests.values() if r.status == RequestStatus.RUNNING]
+            self.scheduler.requeue(sorted(running, key=self.scheduler.running.index))
+            return []
+        result, errors = outcome
+        outputs = []
         for req_id, message in errors.items():
-            request = self.scheduler.requests[req_id]
+            request = step.requests[req_id]
+            if request.status.finished:  # aborted while the step ran
+                continue
             # Blocks this step was to fill may hold stale K/V: they must not be found as prefix hits.
             self.kv_cache_manager.uncache(request)
             outputs += self._fail(request, message)
-        return outputs + self._update(sched, result)
+        outputs += self._update(step, result)
+        if errors:
+            outputs += self._drain()
+            self.step_failed = False
+        return outputs
 
     def _execute(self, sched: SchedulerOutput, req_ids: list[str]) -> tuple[ModelRunnerOutput, dict[str, str]]:
         """Run the step for `req_ids`. If it raises, run each half again, down to single requests: the
@@ -156,33 +243,30 @@ class EngineCore:
         return outputs
 
     @staticmethod
-    def _samples(request: Request, num_new: int) -> bool:
-        """This step's chunk reaches the request's last token: it samples the next one."""
-        return request.num_computed_tokens + num_new == request.num_tokens
-
-    def _banned_token_ids(self, sampling: list[str]) -> dict[str, list[int]]:
-        """EOS and stop token ids may not be sampled before min_tokens are out."""
+    def _banned_token_ids(sampling: list[Request]) -> dict[str, list[int]]:
+        """EOS and stop token ids may not be sampled before min_tokens are out. The token sampled now is output
+        number num_output_tokens + num_output_placeholders (this step's placeholder is the last)."""
         banned = {}
-        for req_id in sampling:
-            request = self.scheduler.requests[req_id]
+        for request in sampling:
             params = request.sampling_params
-            if request.num_output_tokens < params.min_tokens:
+            if request.num_output_tokens + request.num_output_placeholders - 1 < params.min_tokens:
                 stop_ids = list(cast(list[int], params.stop_token_ids))  # SamplingParams makes it a list
-                banned[req_id] = stop_ids + ([request.eos_token_id] if request.eos_token_id is not None else [])
+                banned[request.request_id] = stop_ids + ([request.eos_token_id] if request.eos_token_id is not None
+                                                         else [])
         return banned
 
-    def _update(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
+    def _update(self, step: LaunchedStep, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
         outputs = []
-        for req_id, num_new in sched.num_scheduled_tokens.items():
-            request = self.scheduler.requests.get(req_id)
-            if request is None:  # failed this step
+        for req_id, num_new in step.sched.num_scheduled_tokens.items():
+            request = step.requests[req_id]
+            if request.status.finished:  # failed this step, or finished (stopped, aborted) since it was scheduled
                 continue
-            request.num_computed_tokens += num_new
             if request.session_id is not None:
                 self.sessions.add_service(request.session_id, num_new)
             token_id = result.sampled_token_ids.get(req_id)
             if token_id is None:  # a prefill chunk that does not reach the end yet
                 continue
+            request.num_output_placeholders -= 1
             if request.pending_forks:  # its prompt is computed: its other samples start from its blocks
                 self.scheduler.fork(request)
             request.output_token_ids.append(token_id)

@@ -178,7 +178,9 @@ class KVCacheManager:
         return self.pool.reset_prefix_cache()
 
     def _cache_full_blocks(self, request: Request, blocks: list[KVBlock], num_tokens: int) -> None:
-        num_full = num_tokens // self.block_size
+        # Only blocks whose tokens are known: a step scheduled before the previous one's token is back (async
+        # scheduling) fills a block whose last token is not; a later allocation hashes it.
+        num_full = min(num_tokens, request.num_tokens) // self.block_size
         start = self.req_num_cached_blocks.get(request.request_id, 0)
         if num_full <= start:
             return

@@ -19,6 +19,10 @@ class RequestStatus(enum.IntEnum):
     FINISHED_ERROR = enum.auto()
 
     @property
+    def finished(self) -> bool:
+        return self > RequestStatus.PREEMPTED
+
+    @property
     def finish_reason(self) -> str | None:
         return _FINISH_REASONS.get(self)
 
@@ -43,8 +47,12 @@ class Request:
     kv_variant: tuple = ()
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
-    # Tokens whose K/V are in the cache (prefix hits at admission; the engine core adds each step's tokens).
+    # Tokens whose K/V are in the cache, or scheduled to be: the scheduler adds each step's tokens when it
+    # schedules them (as vLLM v1), so it can schedule the next step before this one's token is known.
     num_computed_tokens: int = 0
+    # Sampled tokens scheduled but not received by the engine core yet: with async scheduling, the token of the
+    # step still running is already the input of the step scheduled behind it.
+    num_output_placeholders: int = 0
     # Prefix-cache hits found when the request was (last) admitted, in tokens.
     num_cached_tokens: int = 0
     stop_reason: int | str | None = None

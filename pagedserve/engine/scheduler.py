@@ -56,6 +56,8 @@ class SchedulerOutput:
     cached_requests: list[CachedRequestData] = field(default_factory=list)
     # Tokens each scheduled request computes this step, in batch order (starting at its num_computed_tokens).
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    # The scheduled requests whose chunk reaches their last token: they sample one (a placeholder until it is back).
+    sampling_req_ids: list[str] = field(default_factory=list)
     # Requests the runner must forget: finished (with their sampling state) or preempted (they come back new).
     finished_req_ids: set[str] = field(default_factory=set)
     preempted_req_ids: set[str] = field(default_factory=set)
@@ -172,7 +174,9 @@ class Scheduler:
                 break
             if request.status != RequestStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if request.num_output_tokens + request.num_output_placeholders >= request.max_output_tokens:
+                continue  # its last token is being sampled in a step still running (async scheduling)
+            num_new = min(request.num_tokens + request.num_output_placeholders - request.num_computed_tokens, budget)
             while not self.kv.allocate_slots(request, num_new):
                 victim = self.running[-1]  # the worst by the policy (see FCFSPolicy)
                 self._preempt(victim)
@@ -213,11 +217,14 @@ class Scheduler:
         self.waiting.extendleft(reversed(skipped))
 
         out.block_copies = self.kv.take_block_copies()
-        out.finished_req_ids, self._finished_req_ids = self._finished_req_ids, set()
-        out.preempted_req_ids, self._preempted_req_ids = self._preempted_req_ids, set()
+        if out.num_scheduled_tokens:  # an empty step is not run: the runner hears of these with the next one
+            out.finished_req_ids, self._finished_req_ids = self._finished_req_ids, set()
+            out.preempted_req_ids, self._preempted_req_ids = self._preempted_req_ids, set()
         return out
 
     def _add_to_output(self, out: SchedulerOutput, request: Request, num_new: int) -> None:
+        """Schedule `num_new` tokens of the request, and count them as computed from now on: a step that reaches
+        its end samples a token the engine core gets later (a placeholder until then)."""
         req_id = request.request_id
         out.num_scheduled_tokens[req_id] = num_new
         start = self.kv.take_table_change(req_id)
@@ -232,6 +239,10 @@ class Scheduler:
             out.cached_requests.append(CachedRequestData(
                 req_id, request.num_computed_tokens, start if start is not None else 0, new_block_ids,
             ))
+        request.num_computed_tokens += num_new
+        if request.num_computed_tokens == request.num_tokens + request.num_output_placeholders:
+            request.num_output_placeholders += 1
+            out.sampling_req_ids.append(req_id)
 
     def fork(self, request: Request) -> None:
         """Start a request's other samples once its prompt is computed (n > 1).
@@ -264,6 +275,12 @@ class Scheduler:
         self._preempted_req_ids.discard(request.request_id)
         self._held_by_runner.discard(request.request_id)
         self._finished_req_ids.add(request.request_id)
+
+    def requeue(self, requests: list[Request]) -> None:
+        """Recompute these running requests from the start: a step scheduled for them did not run (see
+        EngineCore._complete). Preempted last first, so they keep their order at the head of the queue."""
+        for request in reversed(requests):
+            self._preempt(request)
 
     def _preempt(self, request: Request) -> None:
         """Free a running request's blocks; it waits at the head of the queue to be recomputed."""

@@ -21,6 +21,8 @@ _HELP = {
     "tokenizer": "tokenizer directory (default: the model's)",
     "gguf_file": "a .gguf file inside the MODEL directory",
     "dtype": "float32, bfloat16, float16 or auto (the checkpoint's; bf16 only on CPUs with AVX512-BF16/AMX)",
+    "quantization": "gguf: keep a GGUF file's linear weights in their block format and compute on them (Q4_0, "
+                    "Q4_1, Q8_0; other types are dequantized as without it)",
     "max_model_len": "longest prompt + output, in tokens (default: the config's max_position_embeddings)",
     "block_size": "tokens per KV-cache block",
     "max_num_seqs": "most sequences in one step",
@@ -34,6 +36,8 @@ _HELP = {
     "structured_outputs_config": 'JSON, e.g. \'{"backend": "xgrammar"}\' (xgrammar, guidance or auto)',
     "scheduling_policy": "fcfs, priority (lower `priority` first, as vLLM) or session (agent sessions: the one with "
                          "the least service so far first)",
+    "async_scheduling": "schedule the next step while the model runs this one (off by default: on a CPU the "
+                        "scheduler's Python competes with the forward for the cores)",
     "generation_config": "default sampling settings of requests: 'auto' (the model's generation_config.json), "
                          "'vllm' (none), or a directory holding a generation_config.json",
 }

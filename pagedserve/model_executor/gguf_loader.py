@@ -15,7 +15,7 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -306,6 +306,12 @@ def _type_name(ggml_type: int) -> str:
         return f"<unknown ggml type {ggml_type}>"
 
 
+def block_format(ggml_type: int) -> tuple[int, int]:
+    """(weights per block, bytes per block) of a block-quantized type."""
+    fmt = _BLOCK_FORMATS[ggml_type]
+    return fmt.block_size, fmt.type_size
+
+
 def _tensor_nbytes(shape: tuple[int, ...], ggml_type: int) -> int | None:
     """Bytes a tensor occupies, or None for a type this loader cannot read (an error once it is loaded)."""
     numel = int(np.prod(shape, dtype=np.int64))
@@ -483,8 +489,28 @@ def _unpermute_rows(rows: torch.Tensor, n_head: int) -> torch.Tensor:
     return rows.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).transpose(1, 2).reshape(shape)
 
 
-def iter_gguf_tensors(path: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield `(hf_name, tensor)` for every parameter, dequantized to `dtype`, in file order.
+class QuantizedTensor(NamedTuple):
+    """A 2-D weight kept in its file's block format: uint8 [rows, bytes per row] (whole rows of blocks)."""
+
+    blocks: torch.Tensor
+    ggml_type: int
+
+
+def tensor_types(path: str) -> dict[str, int]:
+    """The ggml type of each parameter of the file, by Hugging Face name."""
+    types = {}
+    for info in _header(path).tensors:
+        hf_name = gguf_to_hf_name(info.name)
+        if hf_name is not None:
+            types[hf_name] = info.ggml_type
+    return types
+
+
+def iter_gguf_tensors(
+    path: str, dtype: torch.dtype, keep_quantized: Collection[str] = ()
+) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
+    """Yield `(hf_name, tensor)` for every parameter, dequantized to `dtype`, in file order; the names in
+    `keep_quantized` (block-quantized 2-D weights) come as `QuantizedTensor`s of the file's bytes instead.
 
     `lm_head.weight` is yielded only when the file has its own output matrix; otherwise the config has
     `tie_word_embeddings=True` and the head shares `model.embed_tokens.weight`. The file is validated
@@ -511,20 +537,26 @@ def iter_gguf_tensors(path: str, dtype: torch.dtype) -> Iterator[tuple[str, torc
                 f"supported: {', '.join(SUPPORTED_TENSOR_TYPES)}"
             )
         layer_suffix = info.name.split(".", 2)[-1]  # "blk.3.attn_q.weight" -> "attn_q.weight"
+        if hf_name in keep_quantized and (info.ggml_type not in _BLOCK_FORMATS or len(info.shape) != 2):
+            raise ValueError(f"{path}: tensor {info.name} ({_type_name(info.ggml_type)}) is not a block-quantized "
+                             "matrix")
         plan.append((hf_name, info, permuted_heads.get(layer_suffix, 0)))
-    return _load_tensors(path, plan, dtype)
+    return _load_tensors(path, plan, dtype, keep_quantized)
 
 
 def _load_tensors(
-    path: str, plan: list[tuple[str, GGUFTensorInfo, int]], dtype: torch.dtype
-) -> Iterator[tuple[str, torch.Tensor]]:
+    path: str, plan: list[tuple[str, GGUFTensorInfo, int]], dtype: torch.dtype, keep_quantized: Collection[str]
+) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
     data = torch.from_numpy(_map_file(path))
     for hf_name, info, permuted_heads in plan:
         with _single_threaded():
             raw = data[info.offset : info.offset + info.nbytes]
             if permuted_heads:
                 raw = _unpermute_rows(raw.view(info.shape[0], -1), permuted_heads).reshape(-1)
-            tensor = dequantize(raw, info.ggml_type, info.shape).to(dtype)
+            if hf_name in keep_quantized:
+                tensor: torch.Tensor | QuantizedTensor = QuantizedTensor(raw.view(info.shape[0], -1), info.ggml_type)
+            else:
+                tensor = dequantize(raw, info.ggml_type, info.shape).to(dtype)
         yield hf_name, tensor
 
 

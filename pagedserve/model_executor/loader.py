@@ -1,12 +1,15 @@
 """Checkpoint -> model: safetensors (memory-mapped, shard by shard) or GGUF, into fused parameters."""
 
 import json
+import logging
 import os
 import re
+from collections import Counter
 from collections.abc import Iterator
 from typing import cast
 
 import torch
+from gguf import GGMLQuantizationType
 from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
@@ -14,8 +17,12 @@ from transformers import PretrainedConfig
 
 from pagedserve.config import EngineConfig
 from pagedserve.model_executor import gguf_loader
+from pagedserve.model_executor.gguf_loader import QuantizedTensor
 from pagedserve.model_executor.layers.linear import can_pack, pack_linears
+from pagedserve.model_executor.layers.quantization.gguf import KERNEL_TYPES, GGUFLinear
 from pagedserve.model_executor.registry import CausalLM, model_class
+
+logger = logging.getLogger("pagedserve")
 
 
 def iter_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -62,22 +69,29 @@ def checkpoint_target(model: nn.Module, name: str) -> tuple[str, int | None, int
     return name, None, None
 
 
-def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
-    """Copy checkpoint tensors into the model, routing q/k/v, gate/up and per-expert tensors into fused parameters."""
+def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor | QuantizedTensor]]) -> None:
+    """Copy checkpoint tensors into the model, routing q/k/v, gate/up and per-expert tensors into fused parameters
+    (a QuantizedTensor's blocks into its GGUFLinear's rows)."""
     params = dict(model.named_parameters(remove_duplicate=False))
+    quantized = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, GGUFLinear)}
     loaded: set[str] = set()
     map_checkpoint = getattr(model, "map_checkpoint", None)
     if map_checkpoint is not None:  # a layout that differs beyond names (GPT-2's transposed Conv1D)
         weights = map_checkpoint(weights)
-    for checkpoint_name, tensor in tqdm(weights, desc="Loading weights", unit="tensor", leave=False):
+    for checkpoint_name, item in tqdm(weights, desc="Loading weights", unit="tensor", leave=False):
         if "rotary_emb.inv_freq" in checkpoint_name:
             continue
         name, expert, shard = checkpoint_target(model, checkpoint_name)
-        if name not in params:
+        if isinstance(item, QuantizedTensor):
+            if name not in quantized or quantized[name].ggml_type != item.ggml_type:
+                raise ValueError(f"checkpoint tensor {checkpoint_name!r} has no quantized layer of its type")
+            dest, tensor = quantized[name].blocks, item.blocks
+        elif name not in params:
             if name == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False):
                 continue
             raise ValueError(f"checkpoint tensor {checkpoint_name!r} has no place in {type(model).__name__}")
-        dest = params[name].data
+        else:
+            dest, tensor = params[name].data, item
         if expert is not None:
             if expert >= dest.shape[0]:
                 raise ValueError(f"{checkpoint_name}: expert {expert} is out of range (the model has {dest.shape[0]})")
@@ -90,7 +104,7 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
             raise ValueError(f"{checkpoint_name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(dest.shape)}")
         dest.copy_(tensor)
         loaded.add(_part_name(name, expert, shard))
-    _check_all_loaded(model, params, loaded)
+    _check_all_loaded(model, {**params, **{name: m.blocks for name, m in quantized.items()}}, loaded)
 
 
 def _part_name(name: str, expert: int | None, shard: int | None) -> str:
@@ -108,7 +122,7 @@ def _shard_sizes(model: nn.Module, fused_name: str, rows: int) -> list[int]:
     return [rows // 2, rows // 2]
 
 
-def _expected_parts(model: nn.Module, name: str, param: nn.Parameter) -> list[str]:
+def _expected_parts(model: nn.Module, name: str, param: torch.Tensor) -> list[str]:
     """The pieces a checkpoint must provide for a parameter it does not provide whole."""
     experts: list[int | None] = [None]
     expert_params = getattr(model, "expert_params", {}).values()
@@ -120,7 +134,7 @@ def _expected_parts(model: nn.Module, name: str, param: nn.Parameter) -> list[st
     return [_part_name(name, e, s) for e in experts for s in shards or [None]]
 
 
-def _check_all_loaded(model: nn.Module, params: dict[str, nn.Parameter], loaded: set[str]) -> None:
+def _check_all_loaded(model: nn.Module, params: dict[str, torch.Tensor], loaded: set[str]) -> None:
     tied = getattr(model.config, "tie_word_embeddings", False)
     missing = []
     for name, param in params.items():
@@ -129,6 +143,36 @@ def _check_all_loaded(model: nn.Module, params: dict[str, nn.Parameter], loaded:
         missing += [part for part in _expected_parts(model, name, param) if part not in loaded]
     if missing:
         raise ValueError(f"checkpoint is missing weights: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+
+
+def quantize_linears(model: nn.Module, gguf_path: str) -> set[str]:
+    """Swap each decoder-layer linear whose checkpoint parts (one, or q/k/v, gate/up) share a ggml type with a
+    kernel for a GGUFLinear of that type; return the checkpoint names that stay quantized. Everything else
+    (embeddings, norms, a tied head, types without a kernel) is dequantized as without quantization."""
+    types = gguf_loader.tensor_types(gguf_path)
+    parts: dict[str, list[str]] = {}
+    for checkpoint_name in types:
+        name, expert, _ = checkpoint_target(model, checkpoint_name)
+        if expert is None and ".layers." in name and name.endswith(".weight"):
+            parts.setdefault(name, []).append(checkpoint_name)
+    kept: set[str] = set()
+    for name, checkpoint_names in parts.items():
+        module_name = name.removesuffix(".weight")
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            continue
+        kinds = {types[c] for c in checkpoint_names}
+        if isinstance(module, nn.Linear) and len(kinds) == 1 and kinds <= KERNEL_TYPES:
+            parent, _, child = module_name.rpartition(".")
+            setattr(model.get_submodule(parent), child, GGUFLinear(module, GGMLQuantizationType(kinds.pop())))
+            kept.update(checkpoint_names)
+    floats = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+    dequantized = Counter(GGMLQuantizationType(t).name for c, t in types.items() if c not in kept and t not in floats)
+    logger.info("GGUF weights: %d linear weights kept quantized (%s); dequantized for lack of a kernel: %s",
+                len(kept), ", ".join(sorted({GGMLQuantizationType(types[c]).name for c in kept})) or "none",
+                ", ".join(f"{k} ({n} tensors)" for k, n in sorted(dequantized.items())) or "none")
+    return kept
 
 
 def load_model(config: EngineConfig) -> CausalLM:
@@ -141,8 +185,10 @@ def load_model(config: EngineConfig) -> CausalLM:
         torch.set_default_dtype(torch.float32)
     model = model.to_empty(device=config.device)
     cast(CausalLM, model).tie_weights()
+    weights: Iterator[tuple[str, torch.Tensor | QuantizedTensor]]
     if config.gguf_path:
-        weights = gguf_loader.iter_gguf_tensors(config.gguf_path, config.dtype)
+        keep = quantize_linears(model, config.gguf_path) if config.quantization == "gguf" else set()
+        weights = gguf_loader.iter_gguf_tensors(config.gguf_path, config.dtype, keep)
     else:
         weights = iter_safetensors(config.model_path)
     load_weights(model, weights)

@@ -4,6 +4,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from pagedserve.config import EngineConfig
@@ -30,8 +31,8 @@ class CachedRequestState:
     prompt_token_ids: list[int]
     output_token_ids: list[int]  # the runner appends what it samples
     sampling_params: SamplingParams
-    block_ids: list[int]
     num_computed_tokens: int
+    row: int  # its row of the runner's block table
 
     @property
     def num_tokens(self) -> int:
@@ -82,6 +83,12 @@ class ModelRunner:
             logger.info("decode attention: %s; prefill attention: %s", path, "AMX kernel" if amx else "PyTorch SDPA")
         self.sampler = Sampler()
         self.requests: dict[str, CachedRequestState] = {}  # the persistent batch, by request id
+        # Every request's block table is a row of one preallocated array, updated by the per-step diffs: a step's
+        # tables are then one index operation, not lists padded and converted.
+        self.block_table = np.zeros(
+            (config.max_num_seqs, -(-config.max_model_len // self.block_size)), dtype=np.int64
+        )
+        self.free_rows = list(range(config.max_num_seqs))[::-1]
         self.generators: dict[str, torch.Generator] = {}  # seeded requests' own generators
 
     def kv_bytes_per_block(self) -> int:
@@ -128,23 +135,36 @@ class ModelRunner:
         """Apply the step's diffs to the persistent batch: forget finished and preempted requests, take new
         ones, extend block tables; then do the step's copy-on-write block copies."""
         for req_id in sched.finished_req_ids:
-            self.requests.pop(req_id, None)
+            self._forget(req_id)
             self.generators.pop(req_id, None)
         for req_id in sched.preempted_req_ids:  # back later as a new request; its generator goes on
-            self.requests.pop(req_id, None)
+            self._forget(req_id)
         for new in sched.new_requests:
-            self.requests[new.req_id] = CachedRequestState(
-                new.prompt_token_ids, list(new.output_token_ids), new.sampling_params, list(new.block_ids),
-                new.num_computed_tokens,
-            )
+            if not self.free_rows:  # more requests than max_num_seqs at once: grow the table
+                self.free_rows = list(range(2 * len(self.block_table) - 1, len(self.block_table) - 1, -1))
+                self.block_table = np.concatenate([self.block_table, np.zeros_like(self.block_table)])
+            state = CachedRequestState(new.prompt_token_ids, list(new.output_token_ids), new.sampling_params,
+                                       new.num_computed_tokens, self.free_rows.pop())
+            self.requests[new.req_id] = state
+            self._write_blocks(state.row, 0, new.block_ids)
         for cached in sched.cached_requests:
             state = self.requests[cached.req_id]
             state.num_computed_tokens = cached.num_computed_tokens
             if cached.new_block_ids:
-                del state.block_ids[cached.block_table_start :]
-                state.block_ids += cached.new_block_ids
+                self._write_blocks(state.row, cached.block_table_start, cached.new_block_ids)
         if sched.block_copies:
             self.copy_blocks(sched.block_copies)
+
+    def _forget(self, req_id: str) -> None:
+        state = self.requests.pop(req_id, None)
+        if state is not None:
+            self.free_rows.append(state.row)
+
+    def _write_blocks(self, row: int, start: int, block_ids: list[int]) -> None:
+        end = start + len(block_ids)
+        if end > self.block_table.shape[1]:  # cannot happen within max_model_len; widen rather than fail
+            self.block_table = np.pad(self.block_table, ((0, 0), (0, end - self.block_table.shape[1])))
+        self.block_table[row, start:end] = block_ids
 
     @torch.inference_mode()
     def copy_blocks(self, block_copies: list[tuple[int, int]]) -> None:
@@ -164,9 +184,11 @@ class ModelRunner:
         input_ids: list[int] = []
         for state, ctx in zip(states, context_lens):
             input_ids += state.token_ids(state.num_computed_tokens, ctx)
+        table_rows = np.fromiter((s.row for s in states), dtype=np.int64, count=len(states))
+        block_tables = self.block_table[table_rows, : -(-max(context_lens) // self.block_size)]
         meta = AttentionMetadata.build(
-            query_lens, context_lens, [len(s.prompt_token_ids) for s in states], [s.block_ids for s in states],
-            self.block_size, self.device,
+            query_lens, context_lens, [len(s.prompt_token_ids) for s in states], block_tables, self.block_size,
+            self.device,
         )
         hidden = self.model(torch.tensor(input_ids, device=self.device), meta.positions, meta)
 
@@ -175,8 +197,7 @@ class ModelRunner:
         out = ModelRunnerOutput()
         if not sampling:
             return out
-        ends = torch.cumsum(torch.tensor(query_lens), 0)
-        last_rows = (ends - 1)[sampling].to(self.device)
+        last_rows = torch.from_numpy(np.cumsum(query_lens)[sampling] - 1).to(self.device)
         logits = self.model.compute_logits(hidden[last_rows])
         sampled_ids = [req_ids[i] for i in sampling]
         rows = [states[i] for i in sampling]

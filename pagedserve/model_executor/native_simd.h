@@ -62,6 +62,27 @@ inline __m512 exp16(__m512 x) {
   const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.f));
   return _mm512_scalef_ps(y, k);
 }
+
+// tanh of 16 floats: Eigen's [13/6] rational approximation (~3e-7 relative; no exp, half the cost of an exp-based
+// one), x itself below |x| = 0.0004; inputs are clamped where it reaches +-1 exactly (NaN stays NaN).
+inline __m512 tanh16(__m512 x) {
+  const __m512 limit = _mm512_set1_ps(7.99881172180175781f);
+  const __m512 c = _mm512_min_ps(limit, _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), limit), x));
+  const __m512 z = _mm512_mul_ps(c, c);
+  __m512 p = _mm512_set1_ps(-2.76076847742355e-16f);
+  p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(2.00018790482477e-13f));
+  p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(-8.60467152213735e-11f));
+  p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(5.12229709037114e-08f));
+  p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(1.48572235717979e-05f));
+  p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(6.37261928875436e-04f));
+  p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(4.89352455891786e-03f));
+  __m512 q = _mm512_set1_ps(1.19825839466702e-06f);
+  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(1.18534705686654e-04f));
+  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(2.26843463243900e-03f));
+  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(4.89352518554385e-03f));
+  const __m512 t = _mm512_div_ps(_mm512_mul_ps(p, c), q);
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(_mm512_abs_ps(x), _mm512_set1_ps(4e-4f), _CMP_LT_OQ), t, x);
+}
 #endif
 
 }  // namespace native

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pagedserve.config import EngineArgs, create_engine_config
 from pagedserve.engine.engine_core import EngineCore
 from pagedserve.engine.protocol import EngineCoreOutput
-from pagedserve.engine.request import RequestStatus
+from pagedserve.engine.request import Request, RequestStatus
 from pagedserve.engine.scheduler import Scheduler
 
 
@@ -56,15 +56,19 @@ def assert_all_blocks_free(engine: EngineCore) -> None:
 
 
 def pretend_step(sched: Scheduler, token_id: int = 7) -> dict[str, int]:
-    """Pretend the model ran the scheduled step: advance computed tokens; where a chunk reached the end, append
-    a token (finishing at max_tokens). Returns request id -> tokens scheduled."""
+    """Pretend the model ran the scheduled step (the scheduler counted its tokens as computed): where a chunk
+    reached the end, the sampled token arrives (finishing at max_tokens). Returns request id -> tokens scheduled."""
     out = sched.schedule()
-    for req_id, num_new in out.num_scheduled_tokens.items():
+    for req_id in out.num_scheduled_tokens:
         request = sched.requests[req_id]
-        samples = request.num_computed_tokens + num_new == request.num_tokens
-        request.num_computed_tokens += num_new
-        if samples:
-            request.output_token_ids.append(token_id)
+        if request.num_output_placeholders:
+            receive_token(request, token_id)
             if request.num_output_tokens >= request.max_output_tokens:
                 sched.finish(request, RequestStatus.FINISHED_LENGTH)
     return dict(out.num_scheduled_tokens)
+
+
+def receive_token(request: Request, token_id: int) -> None:
+    """What the engine core does with a sampled token: it replaces the request's oldest placeholder."""
+    request.num_output_placeholders -= 1
+    request.output_token_ids.append(token_id)

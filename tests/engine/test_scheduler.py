@@ -1,6 +1,6 @@
 """The scheduler alone, with no model: budgets, chunking, preemption, admission, and no leaks."""
 
-from engine_utils import pretend_step
+from engine_utils import pretend_step, receive_token
 
 from pagedserve.engine.kv_cache_manager import KVCacheManager
 from pagedserve.engine.request import Request, RequestStatus
@@ -80,16 +80,16 @@ def test_output_is_per_step_diffs_of_plain_data():
     assert [(n.req_id, n.block_ids, n.num_computed_tokens) for n in out.new_requests] == [
         ("r0", kv.get_block_ids("r0"), 0), ("r1", kv.get_block_ids("r1"), 0)]
     assert out.num_scheduled_tokens == {"r0": 7, "r1": 7} and not out.cached_requests
-    for request in (a, b):
-        request.num_computed_tokens = 7
-        request.output_token_ids.append(9)
+    for request in (a, b):  # the scheduler counted the step's tokens as computed; the sampled one arrives
+        assert request.num_computed_tokens == 7
+        receive_token(request, 9)
     out = sched.schedule()  # the 8th token still fits in 2 blocks: nothing changes in the tables
     assert not out.new_requests
     assert [(c.req_id, c.num_computed_tokens, c.new_block_ids) for c in out.cached_requests] == [
         ("r0", 7, []), ("r1", 7, [])]
-    for request in (a, b):
-        request.num_computed_tokens = 8
-        request.output_token_ids.append(9)
+    for request in (a, b):  # the scheduler counted the step's tokens as computed; the sampled one arrives
+        assert request.num_computed_tokens == 8
+        receive_token(request, 9)
     out = sched.schedule()  # both need a third block: b is preempted, a gets one more
     assert out.preempted_req_ids == {"r1"} and list(out.num_scheduled_tokens) == ["r0"]
     (cached,) = out.cached_requests

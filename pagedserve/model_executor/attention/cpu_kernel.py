@@ -92,14 +92,15 @@ def load_prefill_kernel() -> ctypes.CDLL | None:
     library.paged_prefill_attention_bf16.restype = None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     library.paged_prefill_attention_bf16.argtypes = [
-        pointer, size, pointer, size, pointer, size, size, size, pointer, pointer, pointer, pointer, size, size, size,
-        ctypes.c_float,
+        pointer, size, pointer, size, pointer, size, size, size, size, pointer, pointer, pointer, pointer, size, size,
+        size, ctypes.c_float, size, ctypes.c_float,
     ]
     return library
 
 
 def supports_prefill(q: torch.Tensor, block_size: int) -> bool:
-    """The AMX prefill kernel runs bf16 with head_dim 64 on CPUs with AMX (else: PyTorch's SDPA)."""
+    """The AMX prefill kernel runs bf16 with head_dim 64 or 128 on CPUs with AMX, any sliding window and soft-cap
+    (else: PyTorch's SDPA)."""
     if q.device.type != "cpu" or q.dtype != torch.bfloat16 or q.stride(-1) != 1 or q.stride(-2) != q.shape[-1]:
         return False
     library = load_prefill_kernel()
@@ -115,8 +116,11 @@ def paged_prefill_attention(
     context_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
 ) -> None:
-    """Causal attention of every prefill chunk of the step, written into `out` ([T, H, D], rows contiguous).
+    """Causal attention of every prefill chunk of the step, written into `out` ([T, H, D], rows contiguous); with a
+    sliding window W a query at p sees keys p - W < k <= p, and soft_cap maps scores s to cap * tanh(s / cap).
 
     q: [T, H, D] (rows may be strided); kv_cache: [2, Hkv, num_blocks, block_size, D], holding the chunks' own K/V
     already; per chunk (int64 [C]): its first row in q, its length, its context length (its positions end there);
@@ -125,11 +129,12 @@ def paged_prefill_attention(
     for t in (query_starts, query_lens, context_lens):
         assert t.dtype == torch.int64 and t.is_contiguous()
     assert block_tables.dtype == torch.int64 and block_tables.stride(1) == 1
-    _, num_kv_heads, num_blocks, block_size, _ = kv_cache.shape
+    _, num_kv_heads, num_blocks, block_size, head_dim = kv_cache.shape
     library = load_prefill_kernel()
     assert library is not None
     library.paged_prefill_attention_bf16(
         out.data_ptr(), out.stride(0), q.data_ptr(), q.stride(0), kv_cache.data_ptr(), num_blocks, block_size,
-        len(query_starts), query_starts.data_ptr(), query_lens.data_ptr(), context_lens.data_ptr(),
-        block_tables.data_ptr(), block_tables.stride(0), q.shape[1], num_kv_heads, scale,
+        head_dim, len(query_starts), query_starts.data_ptr(), query_lens.data_ptr(), context_lens.data_ptr(),
+        block_tables.data_ptr(), block_tables.stride(0), q.shape[1], num_kv_heads, scale, sliding_window or 0,
+        soft_cap or 0.0,
     )

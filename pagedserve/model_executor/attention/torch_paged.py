@@ -9,8 +9,10 @@ A layer may have a sliding window W (a query at position p sees keys at p - W < 
 masks) and tanh soft-capping of its scores (Gemma 2). With a window, only the blocks it covers are read.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -49,58 +51,64 @@ class AttentionMetadata:
     @classmethod
     def build(
         cls,
-        query_lens: list[int],
-        context_lens: list[int],
-        prompt_lens: list[int],
-        block_tables: list[list[int]],
+        query_lens: Sequence[int],
+        context_lens: Sequence[int],
+        prompt_lens: Sequence[int],
+        block_tables: np.ndarray | Sequence[Sequence[int]],
         block_size: int,
-        device: torch.device,
+        device: torch.device | str,
     ) -> "AttentionMetadata":
-        """From per-request query lengths, context lengths (computed + new), prompt lengths and block tables."""
-        q_lens = torch.tensor(query_lens, dtype=torch.int64)
-        ctx_lens = torch.tensor(context_lens, dtype=torch.int64)
-        starts = torch.cumsum(q_lens, 0) - q_lens
-        max_blocks = max(len(b) for b in block_tables)
-        tables = torch.tensor([b + [0] * (max_blocks - len(b)) for b in block_tables], dtype=torch.int64)
+        """From per-request query lengths, context lengths (computed + new), prompt lengths and block tables
+        (the model runner's persistent rows, [R, width] with at least each request's blocks; lists are padded).
+
+        The index arithmetic is NumPy: a step's metadata is a few dozen small operations, and a NumPy one costs
+        about a microsecond where a torch one costs several."""
+        tables = block_tables if isinstance(block_tables, np.ndarray) else _padded(block_tables)
+        q_lens = np.asarray(query_lens, dtype=np.int64)
+        ctx_lens = np.asarray(context_lens, dtype=np.int64)
+        starts = np.cumsum(q_lens) - q_lens
 
         # slot of every new token: its request's block at position // block_size, plus the offset
-        req_of_row = torch.repeat_interleave(torch.arange(len(query_lens)), q_lens)
-        positions = torch.arange(int(q_lens.sum())) - starts[req_of_row] + (ctx_lens - q_lens)[req_of_row]
+        req_of_row = np.repeat(np.arange(len(q_lens)), q_lens)
+        positions = np.arange(int(q_lens.sum())) - starts[req_of_row] + (ctx_lens - q_lens)[req_of_row]
         slot_mapping = tables[req_of_row, positions // block_size] * block_size + positions % block_size
 
         is_decode = q_lens == 1
-        decode_reqs = torch.nonzero(is_decode).flatten()
-        decode_tables = tables[decode_reqs]
+        decode_reqs = np.flatnonzero(is_decode)
         decode_ctx = ctx_lens[decode_reqs]
         max_decode_ctx = int(decode_ctx.max()) if len(decode_reqs) else 0
-        if len(decode_reqs):
-            decode_tables = decode_tables[:, : (max_decode_ctx + block_size - 1) // block_size]
-        slots = torch.arange(decode_tables.shape[1] * block_size)
+        decode_tables = tables[decode_reqs, : -(-max_decode_ctx // block_size)]
+        slots = np.arange(decode_tables.shape[1] * block_size)
         decode_mask = (slots[None, :] < decode_ctx[:, None])[None, :, None, :]
 
-        prefill_reqs = torch.nonzero(~is_decode).flatten()
+        prefill_reqs = np.flatnonzero(~is_decode)
+        prefill_width = -(-int(ctx_lens[prefill_reqs].max()) // block_size) if len(prefill_reqs) else 0
+        prefill_tables = tables[prefill_reqs, :prefill_width]
+
+        def tensor(array: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(array)).to(device)
+
+        prefill_block_tables = tensor(prefill_tables)
         prefills = [
-            PrefillChunk(
-                int(starts[i]), query_lens[i], context_lens[i],
-                tables[i, : (context_lens[i] + block_size - 1) // block_size].to(device),
-            )
-            for i in prefill_reqs.tolist()
+            PrefillChunk(int(starts[i]), int(q_lens[i]), int(ctx_lens[i]),
+                         prefill_block_tables[row, : -(-int(ctx_lens[i]) // block_size)])
+            for row, i in enumerate(prefill_reqs.tolist())
         ]
         return cls(
-            positions=positions.to(device),
-            prompt_lens=torch.tensor(prompt_lens, dtype=torch.int64)[req_of_row].to(device),
-            slot_mapping=slot_mapping.to(device),
-            decode_rows=starts[decode_reqs].to(device),
-            decode_block_tables=decode_tables.to(device),
-            decode_mask=decode_mask.to(device),
-            decode_context_lens=decode_ctx.to(device),
+            positions=tensor(positions),
+            prompt_lens=tensor(np.asarray(prompt_lens, dtype=np.int64)[req_of_row]),
+            slot_mapping=tensor(slot_mapping),
+            decode_rows=tensor(starts[decode_reqs]),
+            decode_block_tables=tensor(decode_tables),
+            decode_mask=tensor(decode_mask),
+            decode_context_lens=tensor(decode_ctx),
             max_decode_context_len=max_decode_ctx,
             block_size=block_size,
             prefills=prefills,
-            prefill_query_starts=starts[prefill_reqs].to(device),
-            prefill_query_lens=q_lens[prefill_reqs].to(device),
-            prefill_context_lens=ctx_lens[prefill_reqs].to(device),
-            prefill_block_tables=tables[prefill_reqs].to(device),
+            prefill_query_starts=tensor(starts[prefill_reqs]),
+            prefill_query_lens=tensor(q_lens[prefill_reqs]),
+            prefill_context_lens=tensor(ctx_lens[prefill_reqs]),
+            prefill_block_tables=prefill_block_tables,
         )
 
     def decode_view(self, sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,6 +133,15 @@ class AttentionMetadata:
         slots = (columns[:, :, None] * block_size + torch.arange(block_size, device=device)).flatten(1)
         mask = (slots < self.decode_context_lens[:, None]) & (slots >= window_start[:, None])
         return tables, mask[None, :, None, :]
+
+
+def _padded(block_tables: Sequence[Sequence[int]]) -> np.ndarray:
+    """Ragged block tables as one array, padded with block 0."""
+    width = max(len(table) for table in block_tables)
+    tables = np.zeros((len(block_tables), width), dtype=np.int64)
+    for row, table in enumerate(block_tables):
+        tables[row, : len(table)] = table
+    return tables
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -188,11 +205,10 @@ def paged_attention(
         out[meta.decode_rows] = torch.matmul(probs, kv[1]).transpose(0, 1).reshape(num_decodes, num_heads, head_dim)
 
     prefills = meta.prefills
-    window_binds = sliding_window is not None and any(c.context_len > sliding_window for c in prefills)
-    if prefills and soft_cap is None and not window_binds and cpu_kernel.supports_prefill(q, meta.block_size):
+    if prefills and cpu_kernel.supports_prefill(q, meta.block_size):
         cpu_kernel.paged_prefill_attention(
             out, q, kv_cache, meta.prefill_query_starts, meta.prefill_query_lens, meta.prefill_context_lens,
-            meta.prefill_block_tables, scale,
+            meta.prefill_block_tables, scale, sliding_window, soft_cap,
         )
         prefills = []
     for chunk in prefills:

@@ -53,7 +53,8 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def pack_linears(model: nn.Module) -> None:
-    """Swap every nn.Linear of the (loaded) model for a PackedLinear (a GateUpLinear for a PackedGateUp)."""
+    """Swap every nn.Linear of the (loaded) model for a PackedLinear (a GateUpLinear for a PackedGateUp).
+    Quantized layers (`quantization.gguf.GGUFLinear`) are not nn.Linear and stay as they are."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, GateUpLinear):

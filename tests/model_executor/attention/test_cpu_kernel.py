@@ -119,9 +119,9 @@ needs_amx = pytest.mark.skipif(
 )
 
 
-def dense_prefill(q, kv_cache, chunks, tables, block_size, scale):
-    """Causal attention of each chunk's queries over its context, in float64. chunks: (first row, length,
-    context length)."""
+def dense_prefill(q, kv_cache, chunks, tables, block_size, scale, window=None, soft_cap=None):
+    """Causal attention of each chunk's queries over its context (a query at p sees keys p - window < k <= p), in
+    float64. chunks: (first row, length, context length)."""
     num_heads, num_kv_heads = q.shape[1], kv_cache.shape[1]
     group = num_heads // num_kv_heads
     out = torch.zeros(q.shape, dtype=torch.float64)
@@ -132,38 +132,94 @@ def dense_prefill(q, kv_cache, chunks, tables, block_size, scale):
         v = kv_cache[1][:, blocks, positions % block_size].double().repeat_interleave(group, 0)
         queries = q[start : start + length].double().transpose(0, 1)  # [H, Tq, D]
         scores = queries @ k.transpose(1, 2) * scale
-        visible = positions[None, :] <= torch.arange(context - length, context)[:, None]
+        if soft_cap:
+            scores = soft_cap * torch.tanh(scores / soft_cap)
+        query_positions = torch.arange(context - length, context)[:, None]
+        visible = positions[None, :] <= query_positions
+        if window:
+            visible &= positions[None, :] > query_positions - window
         out[start : start + length] = (scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v).transpose(0, 1)
     return out
 
 
-@needs_amx
-@pytest.mark.parametrize("num_heads,num_kv_heads", [(9, 3), (8, 8), (12, 4)])
-@pytest.mark.parametrize("block_size", [16, 32, 64])
-def test_prefill_kernel_matches_dense_attention(num_heads, num_kv_heads, block_size):
-    """Several chunks in one call: fresh prompts and chunks after cached context, lengths off every tile size."""
-    gen = torch.Generator().manual_seed(block_size + num_heads)
-    shapes = [(37, 37), (5, 300), (100, 100), (1, 33), (64, 64), (17, 80), (130, 200)]  # (new tokens, context)
+# (new tokens, context): fresh prompts and chunks after cached context, lengths off every tile size
+PREFILL_SHAPES = [(37, 37), (5, 300), (100, 100), (1, 33), (64, 64), (17, 80), (130, 200)]
+
+
+def prefill_batch(shapes, num_heads, num_kv_heads, block_size, seed, head_dim=64):
+    """Chunks of the given shapes in scattered blocks. Returns (q, kv_cache, chunks, tables, block_tables)."""
+    gen = torch.Generator().manual_seed(seed)
     num_blocks = sum((context + block_size - 1) // block_size for _, context in shapes) + 3
-    kv_cache = torch.randn(2, num_kv_heads, num_blocks, block_size, 64, generator=gen).bfloat16()
-    free = torch.randperm(num_blocks, generator=gen).tolist()  # scattered blocks
+    kv_cache = torch.randn(2, num_kv_heads, num_blocks, block_size, head_dim, generator=gen).bfloat16()
+    free = torch.randperm(num_blocks, generator=gen).tolist()
     tables, chunks, row = [], [], 0
     for length, context in shapes:
         tables.append([free.pop() for _ in range((context + block_size - 1) // block_size)])
         chunks.append((row, length, context))
         row += length
-    q = torch.randn(row, num_heads, 64, generator=gen).bfloat16()
+    q = torch.randn(row, num_heads, head_dim, generator=gen).bfloat16()
     width = max(len(t) for t in tables)
     block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    return q, kv_cache, chunks, tables, block_tables
+
+
+def run_prefill(q, kv_cache, chunks, block_tables, window=None, soft_cap=None):
     out = torch.zeros_like(q)
     starts, lengths, contexts = (torch.tensor(column) for column in zip(*chunks))
-    cpu_kernel.paged_prefill_attention(out, q, kv_cache, starts, lengths, contexts, block_tables, 0.125)
+    scale = q.shape[-1] ** -0.5
+    cpu_kernel.paged_prefill_attention(out, q, kv_cache, starts, lengths, contexts, block_tables, scale, window,
+                                       soft_cap)
+    return out
+
+
+@needs_amx
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(9, 3), (8, 8), (12, 4)])
+@pytest.mark.parametrize("block_size", [16, 32, 64])
+def test_prefill_kernel_matches_dense_attention(num_heads, num_kv_heads, block_size, head_dim):
+    """Several chunks in one call: fresh prompts and chunks after cached context, lengths off every tile size."""
+    q, kv_cache, chunks, tables, block_tables = prefill_batch(PREFILL_SHAPES, num_heads, num_kv_heads, block_size,
+                                                              block_size + num_heads, head_dim)
+    out = run_prefill(q, kv_cache, chunks, block_tables)
     # bf16 inputs and probabilities: the output's rounding and P's, as PyTorch's own bf16 attention
-    torch.testing.assert_close(out.double(), dense_prefill(q, kv_cache, chunks, tables, block_size, 0.125),
+    torch.testing.assert_close(out.double(), dense_prefill(q, kv_cache, chunks, tables, block_size, head_dim**-0.5),
                                atol=1.5e-2, rtol=1.5e-2)
+
+
+@needs_amx
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("soft_cap", [None, 2.0])
+# smaller than every context, off block and tile sizes, equal to some contexts (33, 64, 100, 300), larger than all
+@pytest.mark.parametrize("window", [None, 1, 7, 16, 33, 64, 100, 129, 300, 5000])
+def test_prefill_kernel_windows_and_soft_caps(block_size, soft_cap, window, head_dim):
+    """Sliding windows and soft-capped scores (a cap of 2 binds: scores here are ~N(0, 1)), with a long context
+    whose query tiles each start at a different key."""
+    shapes = [*PREFILL_SHAPES, (200, 1000)]
+    q, kv_cache, chunks, tables, block_tables = prefill_batch(shapes, 9, 3, block_size, block_size, head_dim)
+    out = run_prefill(q, kv_cache, chunks, block_tables, window, soft_cap)
+    expected = dense_prefill(q, kv_cache, chunks, tables, block_size, head_dim**-0.5, window, soft_cap)
+    torch.testing.assert_close(out.double(), expected, atol=1.5e-2, rtol=1.5e-2)
+
+
+@needs_amx
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_prefill_kernel_reads_nothing_before_the_window(block_size):
+    """K/V blocks wholly before every query's window hold NaN: a kernel that computed their tiles would output
+    NaN (P = 0 times NaN), so they are skipped."""
+    window = 70
+    shapes = [(20, 500), (1, 300), (90, 400)]
+    q, kv_cache, chunks, tables, block_tables = prefill_batch(shapes, 8, 2, block_size, 7)
+    clean = kv_cache.clone()
+    for (_, length, context), table in zip(chunks, tables):
+        first_visible = context - length - window + 1
+        kv_cache[:, :, table[: first_visible // block_size]] = float("nan")
+    out = run_prefill(q, kv_cache, chunks, block_tables, window)
+    expected = dense_prefill(q, clean, chunks, tables, block_size, 0.125, window)
+    torch.testing.assert_close(out.double(), expected, atol=1.5e-2, rtol=1.5e-2)
 
 
 def test_prefill_kernel_declines_what_it_does_not_do():
     assert not cpu_kernel.supports_prefill(torch.empty(1, 1, 64), 16)  # float32
-    assert not cpu_kernel.supports_prefill(torch.empty(1, 1, 128, dtype=torch.bfloat16), 16)  # head_dim 128
+    assert not cpu_kernel.supports_prefill(torch.empty(1, 1, 96, dtype=torch.bfloat16), 16)  # head_dim 96
     assert not cpu_kernel.supports_prefill(torch.empty(1, 1, 64, dtype=torch.bfloat16), 8)  # block size

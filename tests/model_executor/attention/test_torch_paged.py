@@ -97,14 +97,19 @@ def test_matches_dense_attention(block_size, window, soft_cap, decode_backend):
     not cpu_kernel.supports_prefill(torch.empty(1, 1, 64, dtype=torch.bfloat16), 16),
     reason="the prefill kernel needs AMX (amx_bf16) and a C++ compiler",
 )
-@pytest.mark.parametrize("window,soft_cap,kernel_runs", [(None, None, True), (1000, None, True), (33, None, False),
-                                                         (None, 2.0, False)])
-def test_bf16_prefill_takes_the_amx_kernel_where_it_applies(monkeypatch, window, soft_cap, kernel_runs):
-    """bf16 with head_dim 64: every prefill chunk in one kernel call, unless a window binds or scores are capped."""
+@pytest.mark.parametrize("head_dim,block_size,window,soft_cap,kernel_runs", [
+    (64, 16, None, None, True), (64, 16, 1000, None, True), (64, 16, 33, None, True), (64, 16, 1, None, True),
+    (64, 16, None, 2.0, True), (64, 16, 33, 2.0, True), (128, 16, 33, 2.0, True),
+    (64, 4, 33, 2.0, False), (96, 16, 33, 2.0, False),  # blocks of 4 (not whole key tiles), head_dim 96: SDPA
+])
+def test_bf16_prefill_takes_the_amx_kernel_where_it_applies(monkeypatch, head_dim, block_size, window, soft_cap,
+                                                            kernel_runs):
+    """bf16 with head_dim 64 or 128 and blocks of 16: every prefill chunk in one kernel call, windows and soft-caps
+    included."""
     calls = []
     real_kernel = cpu_kernel.paged_prefill_attention
     monkeypatch.setattr(cpu_kernel, "paged_prefill_attention", lambda *args: calls.append(1) or real_kernel(*args))
-    q, k, v, kv_cache, meta, per_request = build_batch(16, head_dim=64, dtype=torch.bfloat16)
+    q, k, v, kv_cache, meta, per_request = build_batch(block_size, head_dim=head_dim, dtype=torch.bfloat16)
     out = paged_attention(q, k, v, kv_cache, meta, 0.125, window, soft_cap)
     assert bool(calls) == kernel_runs
     row = 0
