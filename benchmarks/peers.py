@@ -389,6 +389,7 @@ def main() -> None:
     parser.add_argument("--skip-multi-turn", action="store_true")
     parser.add_argument("--setup-only", action="store_true", help="install the peers, convert the weights, stop")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script")
+    parser.add_argument("--save-json", help="also write the raw results to this file")
     args = parser.parse_args()
     chart = args.chart or os.path.join(os.path.dirname(os.path.abspath(args.output)), "BENCHMARKS-peers.png")
 
@@ -435,6 +436,9 @@ def main() -> None:
                     log(f"multi-turn workload: {name}")
                     agent[name] = multi_turn.run_workload(s.base_url, workload, max_quiet_wait_s=30 if args.quick
                                                           else 300)
+    if args.save_json:
+        with open(args.save_json, "w") as f:
+            json.dump({"runs": runs, "agent": agent, "ready_s": ready_s}, f)
     client = VLLM_BENCH if VLLM_BENCH in runs else OUR_CLIENT
     if client in runs:
         plot_sweeps({f"{engine}, round {i + 1}": sweep for engine, sweeps in runs[client].items()
