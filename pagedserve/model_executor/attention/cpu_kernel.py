@@ -29,9 +29,12 @@ def load_kernel() -> ctypes.CDLL | None:
     for dtype in _DTYPES.values():
         function = getattr(library, f"paged_decode_attention_{dtype}")
         function.restype = None
-        function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 6 + [
-            ctypes.c_float
-        ] * 2
+        # out, q, q_stride, kv_cache, block_tables, block_table_stride, context_lens, window_starts, six sizes,
+        # scale, soft_cap
+        function.argtypes = [
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+            ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int64] * 6, ctypes.c_float, ctypes.c_float,
+        ]
     return library
 
 
@@ -57,19 +60,20 @@ def paged_decode_attention(
     scale: float,
     soft_cap: float | None,
 ) -> torch.Tensor:
-    """q: [B, H, D] (one token per sequence); kv_cache: [2, Hkv, num_blocks, block_size, D]; block_tables:
-    [B, >= blocks used] int64; context_lens: [B] int64; window_starts: [B] int64, first visible position.
-    Returns [B, H, D]. Call only where `supports(q)`."""
-    q = q.contiguous()
+    """q: [B, H, D] (one token per sequence; its rows may be apart, as in a view of the qkv projection);
+    kv_cache: [2, Hkv, num_blocks, block_size, D]; block_tables: [B, >= blocks used] int64; context_lens: [B]
+    int64; window_starts: [B] int64, first visible position. Returns [B, H, D]. Call only where `supports(q)`."""
+    if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
+        q = q.contiguous()
     assert kv_cache.is_contiguous() and kv_cache.dtype == q.dtype
     assert block_tables.dtype == context_lens.dtype == torch.int64 and block_tables.stride(1) == 1
     assert context_lens.is_contiguous() and (window_starts is None or window_starts.is_contiguous())
     num_seqs, num_heads, head_dim = q.shape
     _, num_kv_heads, num_blocks, block_size, _ = kv_cache.shape
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     function = getattr(load_kernel(), f"paged_decode_attention_{_DTYPES[q.dtype]}")
     function(
-        out.data_ptr(), q.data_ptr(), kv_cache.data_ptr(), block_tables.data_ptr(), block_tables.stride(0),
+        out.data_ptr(), q.data_ptr(), q.stride(0), kv_cache.data_ptr(), block_tables.data_ptr(), block_tables.stride(0),
         context_lens.data_ptr(), None if window_starts is None else window_starts.data_ptr(),
         num_seqs, num_heads, num_kv_heads, head_dim, num_blocks, block_size, scale, soft_cap or 0.0,
     )

@@ -173,7 +173,7 @@ void attend(const float* query, const T* keys, const T* values, const int64_t* t
 }
 
 template <typename T>
-void decode_attention(T* out, const T* q, const T* kv_cache, const int64_t* block_tables, int64_t block_table_stride,
+void decode_attention(T* out, const T* q, int64_t q_stride, const T* kv_cache, const int64_t* block_tables, int64_t block_table_stride,
                       const int64_t* context_lens, const int64_t* window_starts, int64_t num_seqs, int64_t num_heads,
                       int64_t num_kv_heads, int64_t head_dim, int64_t num_blocks, int64_t block_size, float scale,
                       float soft_cap) {
@@ -193,7 +193,7 @@ void decode_attention(T* out, const T* q, const T* kv_cache, const int64_t* bloc
       const int64_t* table = block_tables + seq * block_table_stride;
       const T* keys = kv_cache + kv_head * head_stride;
       const T* values = kv_cache + (num_kv_heads + kv_head) * head_stride;
-      const T* q_seq = q + (seq * num_heads + kv_head * group) * head_dim;
+      const T* q_seq = q + seq * q_stride + kv_head * group * head_dim;
       for (int64_t i = 0; i < group * head_dim; ++i) query[i] = to_float(q_seq[i]) * scale;
       const float* qf = query.data();
       float* sc = scores.data();
@@ -232,23 +232,24 @@ int paged_decode_attention_path(int64_t head_dim) {
   return 0;
 }
 
-// out, q: [num_seqs, num_heads, head_dim]; kv_cache: [2, num_kv_heads, num_blocks, block_size, head_dim];
+// out: [num_seqs, num_heads, head_dim]; q: the same, rows q_stride elements apart (a view of the qkv projection
+// is read in place); kv_cache: [2, num_kv_heads, num_blocks, block_size, head_dim];
 // block_tables: [num_seqs, >= blocks used] with row stride block_table_stride; window_starts: first visible
 // position per sequence, or null for all; soft_cap <= 0: none.
-void paged_decode_attention_f32(float* out, const float* q, const float* kv_cache, const int64_t* block_tables,
+void paged_decode_attention_f32(float* out, const float* q, int64_t q_stride, const float* kv_cache, const int64_t* block_tables,
                                 int64_t block_table_stride, const int64_t* context_lens, const int64_t* window_starts,
                                 int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                                 int64_t num_blocks, int64_t block_size, float scale, float soft_cap) {
-  decode_attention(out, q, kv_cache, block_tables, block_table_stride, context_lens, window_starts, num_seqs,
+  decode_attention(out, q, q_stride, kv_cache, block_tables, block_table_stride, context_lens, window_starts, num_seqs,
                    num_heads, num_kv_heads, head_dim, num_blocks, block_size, scale, soft_cap);
 }
 
-void paged_decode_attention_bf16(uint16_t* out, const uint16_t* q, const uint16_t* kv_cache,
+void paged_decode_attention_bf16(uint16_t* out, const uint16_t* q, int64_t q_stride, const uint16_t* kv_cache,
                                  const int64_t* block_tables, int64_t block_table_stride, const int64_t* context_lens,
                                  const int64_t* window_starts, int64_t num_seqs, int64_t num_heads,
                                  int64_t num_kv_heads, int64_t head_dim, int64_t num_blocks, int64_t block_size,
                                  float scale, float soft_cap) {
-  decode_attention(out, q, kv_cache, block_tables, block_table_stride, context_lens, window_starts, num_seqs,
+  decode_attention(out, q, q_stride, kv_cache, block_tables, block_table_stride, context_lens, window_starts, num_seqs,
                    num_heads, num_kv_heads, head_dim, num_blocks, block_size, scale, soft_cap);
 }
 }

@@ -178,19 +178,24 @@ def paged_attention(
 ) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, Hkv, D] (this step's tokens). Returns [T, H, D]."""
     write_kv(kv_cache, k, v, meta.slot_mapping)
+    native_decode = len(meta.decode_rows) and cpu_kernel.supports(q)
+    if native_decode:
+        window_starts = None
+        if sliding_window is not None and meta.max_decode_context_len > sliding_window:
+            window_starts = meta.decode_context_lens - sliding_window
+        decode_out = cpu_kernel.paged_decode_attention(
+            q if len(meta.decode_rows) == len(q) else q[meta.decode_rows],  # all decode: q is read in place
+            kv_cache, meta.decode_block_tables, meta.decode_context_lens, window_starts, scale, soft_cap,
+        )
+        if len(meta.decode_rows) == len(q):  # a decode-only step: the kernel's result is the output
+            return decode_out
     out = torch.empty_like(q)
     num_heads, head_dim = q.shape[1:]
     num_kv_heads = k.shape[1]
     group = num_heads // num_kv_heads
 
-    if len(meta.decode_rows) and cpu_kernel.supports(q):
-        window_starts = None
-        if sliding_window is not None and meta.max_decode_context_len > sliding_window:
-            window_starts = meta.decode_context_lens - sliding_window
-        out[meta.decode_rows] = cpu_kernel.paged_decode_attention(
-            q[meta.decode_rows], kv_cache, meta.decode_block_tables, meta.decode_context_lens, window_starts, scale,
-            soft_cap,
-        )
+    if native_decode:
+        out[meta.decode_rows] = decode_out
     elif len(meta.decode_rows):
         # [Hkv, Bd, G, D] x [Hkv, Bd, D, L]: GQA without repeating K/V; batched matmuls over (Hkv, Bd).
         num_decodes = len(meta.decode_rows)

@@ -75,6 +75,20 @@ def test_reads_through_a_sliced_block_table():
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_reads_queries_in_place_from_a_wider_projection():
+    """q as the q columns of a fused qkv projection (rows apart by more than H * D) is read with its row stride."""
+    gen = torch.Generator().manual_seed(2)
+    kv_cache = torch.randn(2, 2, 12, 16, 64, generator=gen)
+    block_tables = torch.randperm(12, generator=gen)[:9].view(3, 3)
+    context_lens = torch.tensor([40, 17, 33])
+    qkv = torch.randn(3, (4 + 2 * 2) * 64, generator=gen)
+    q = qkv[:, : 4 * 64].view(3, 4, 64)
+    assert not q.is_contiguous()
+    out = cpu_kernel.paged_decode_attention(q, kv_cache, block_tables, context_lens, None, 0.125, None)
+    expected = reference(q.contiguous(), kv_cache, block_tables, context_lens, None, 0.125, None)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.fixture
 def fresh_kernel():
     cpu_kernel.load_kernel.cache_clear()
