@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 logger = logging.getLogger("pagedserve")
@@ -55,16 +56,23 @@ def _build(source: Path, compiler: str) -> Path:
     return library
 
 
-def load(source: Path, what: str) -> ctypes.CDLL | None:
-    """The compiled library of `source`, or None (with one warning naming `what` falls back) if it cannot be
-    built here."""
+Signature = tuple[type | None, Sequence[type]]  # (restype, argtypes) of an exported C function
+
+
+def load(source: Path, what: str, functions: Mapping[str, Signature]) -> ctypes.CDLL | None:
+    """The compiled library of `source` with the ctypes signatures of its `functions` (name -> (restype,
+    argtypes)) declared, or None (with one warning naming `what` falls back) if it cannot be built here."""
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         logger.warning("no C++ compiler found: %s uses the PyTorch path", what)
         return None
     try:
-        return ctypes.CDLL(str(_build(source, compiler)))
+        library = ctypes.CDLL(str(_build(source, compiler)))
     except (OSError, subprocess.CalledProcessError) as error:
         detail = (getattr(error, "stderr", "") or str(error))[-2000:]
         logger.warning("building %s failed, using the PyTorch path: %s", source.name, detail)
         return None
+    for name, (restype, argtypes) in functions.items():
+        function = getattr(library, name)
+        function.restype, function.argtypes = restype, argtypes
+    return library

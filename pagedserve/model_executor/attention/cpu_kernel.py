@@ -21,21 +21,14 @@ def load_kernel() -> ctypes.CDLL | None:
     """The compiled kernel library, or None (with one warning) when it cannot be built here."""
     if os.environ.get("PAGEDSERVE_ATTENTION_BACKEND", "native") == "torch":
         return None
-    library = native.load(_SOURCE, "decode attention")
-    if library is None:
-        return None
-    library.paged_decode_attention_path.restype = ctypes.c_int
-    library.paged_decode_attention_path.argtypes = [ctypes.c_int64]
-    for dtype in _DTYPES.values():
-        function = getattr(library, f"paged_decode_attention_{dtype}")
-        function.restype = None
-        # out, q, q_stride, kv_cache, block_tables, block_table_stride, context_lens, window_starts, six sizes,
-        # scale, soft_cap
-        function.argtypes = [
-            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-            ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int64] * 6, ctypes.c_float, ctypes.c_float,
-        ]
-    return library
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    # out, q, q_stride, kv_cache, block_tables, block_table_stride, context_lens, window_starts, six sizes, scale,
+    # soft_cap
+    attention = [pointer, pointer, size, pointer, pointer, size, pointer, pointer, *[size] * 6, ctypes.c_float,
+                 ctypes.c_float]
+    functions: dict[str, native.Signature] = {"paged_decode_attention_path": (ctypes.c_int, [size])}
+    functions.update({f"paged_decode_attention_{dtype}": (None, attention) for dtype in _DTYPES.values()})
+    return native.load(_SOURCE, "decode attention", functions)
 
 
 def kernel_path(head_dim: int) -> str:
@@ -88,18 +81,14 @@ def load_prefill_kernel() -> ctypes.CDLL | None:
     """The AMX prefill-attention library (paged_prefill_cpu.cpp), or None where it cannot be built."""
     if os.environ.get("PAGEDSERVE_ATTENTION_BACKEND", "native") == "torch":
         return None
-    library = native.load(_PREFILL_SOURCE, "prefill attention")
-    if library is None:
-        return None
-    library.paged_prefill_attention_supported.restype = ctypes.c_int
-    library.paged_prefill_attention_supported.argtypes = [ctypes.c_int64, ctypes.c_int64]
-    library.paged_prefill_attention_bf16.restype = None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    library.paged_prefill_attention_bf16.argtypes = [
-        pointer, size, pointer, size, pointer, size, size, size, size, pointer, pointer, pointer, pointer, size, size,
-        size, ctypes.c_float, size, ctypes.c_float,
-    ]
-    return library
+    return native.load(_PREFILL_SOURCE, "prefill attention", {
+        "paged_prefill_attention_supported": (ctypes.c_int, [size, size]),
+        "paged_prefill_attention_bf16": (None, [
+            pointer, size, pointer, size, pointer, size, size, size, size, pointer, pointer, pointer, pointer, size,
+            size, size, ctypes.c_float, size, ctypes.c_float,
+        ]),
+    })
 
 
 def supports_prefill(q: torch.Tensor, block_size: int) -> bool:

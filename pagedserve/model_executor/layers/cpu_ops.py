@@ -30,13 +30,9 @@ def load() -> ctypes.CDLL | None:
     """The compiled library, or None (PAGEDSERVE_NATIVE=0, or no compiler: one warning)."""
     if os.environ.get("PAGEDSERVE_NATIVE", "1") == "0":
         return None
-    library = native.load(_SOURCE, "RMSNorm and rope")
-    if library is not None:
-        for name, argtypes in _SIGNATURES.items():
-            for suffix in _DTYPES.values():
-                function = getattr(library, f"{name}_{suffix}")
-                function.restype, function.argtypes = None, argtypes
-    return library
+    functions = {f"{name}_{suffix}": (None, argtypes) for name, argtypes in _SIGNATURES.items()
+                 for suffix in _DTYPES.values()}
+    return native.load(_SOURCE, "RMSNorm and rope", functions)
 
 
 def supports(x: torch.Tensor) -> bool:

@@ -34,14 +34,11 @@ def load() -> ctypes.CDLL | None:
     """The compiled library, or None (PAGEDSERVE_NATIVE=0, or no compiler: one warning)."""
     if os.environ.get("PAGEDSERVE_NATIVE", "1") == "0":
         return None
-    library = native.load(_SOURCE, "GGUF Q4/Q8 matmul")
-    if library is not None:
-        library.gguf_has_vnni.restype, library.gguf_has_vnni.argtypes = _C, []
-        for suffix in _DTYPES.values():
-            gemv, dequant = getattr(library, f"gguf_gemv_{suffix}"), getattr(library, f"gguf_dequant_{suffix}")
-            gemv.restype, gemv.argtypes = None, [_P, _P, _P, _I, _I, _I, _C, _C]
-            dequant.restype, dequant.argtypes = None, [_P, _P, _I, _I, _C]
-    return library
+    functions: dict[str, native.Signature] = {"gguf_has_vnni": (_C, [])}
+    for suffix in _DTYPES.values():
+        functions[f"gguf_gemv_{suffix}"] = (None, [_P, _P, _P, _I, _I, _I, _C, _C])
+        functions[f"gguf_dequant_{suffix}"] = (None, [_P, _P, _I, _I, _C])
+    return native.load(_SOURCE, "GGUF Q4/Q8 matmul", functions)
 
 
 def default_path() -> str:
