@@ -47,7 +47,15 @@ from dataclasses import dataclass
 import httpx
 import multi_turn
 import peers
-from common import QUIET_OTHER_CORES, OtherLoadMeter, log, machine_description, markdown_table, wait_for_quiet
+from common import (
+    QUICK_WARNING,
+    QUIET_OTHER_CORES,
+    OtherLoadMeter,
+    log,
+    machine_description,
+    markdown_table,
+    wait_for_quiet,
+)
 from report import replace_section
 from serving import PAGEDSERVE_FLAGS, REPO, ServerProcess, free_port, pagedserve_command
 from tqdm import tqdm
@@ -560,7 +568,7 @@ def section(results: dict[str, dict], variants: dict[str, Variant], workload: Wo
         "",
     ]
     if args.quick:
-        lines += ["**--quick run: sizes shrunk to check the script; do not quote these numbers.**", ""]
+        lines += [QUICK_WARNING, ""]
     vllm_pool = next((r["vllm_pool_tokens"] for r in results.values() if r.get("vllm_pool_tokens")), None)
     rows = [
         *machine,

@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import httpx
-from common import OtherLoadMeter, log, machine_description, markdown_table, wait_for_quiet
+from common import QUICK_WARNING, OtherLoadMeter, log, machine_description, markdown_table, wait_for_quiet
 from report import replace_section
 from serving import PAGEDSERVE_FLAGS, REPO, ServerProcess, free_port, pagedserve_command
 from tqdm import tqdm
@@ -268,7 +268,7 @@ def main() -> None:
         "",
     ]
     if args.quick:
-        lines += ["**--quick run: sizes shrunk to check the script; do not quote these numbers.**", ""]
+        lines += [QUICK_WARNING, ""]
     lines += [
         markdown_table(["", ""], [
             *machine_description(),

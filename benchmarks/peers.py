@@ -30,7 +30,16 @@ import time
 
 import httpx
 import multi_turn
-from common import QUIET_OTHER_CORES, OtherLoadMeter, fmt, log, machine_description, markdown_table, wait_for_quiet
+from common import (
+    QUICK_WARNING,
+    QUIET_OTHER_CORES,
+    OtherLoadMeter,
+    fmt,
+    log,
+    machine_description,
+    markdown_table,
+    wait_for_quiet,
+)
 from report import replace_section
 from serving import (
     PAGEDSERVE_FLAGS,
@@ -329,7 +338,7 @@ def section(runs: dict[str, dict[str, list[dict]]], agent: dict[str, dict], read
         "",
     ]
     if quick:
-        lines += ["**--quick run: sizes shrunk to check the script; do not quote these numbers.**", ""]
+        lines += [QUICK_WARNING, ""]
     rows = [*machine_description()]
     rows.append(("pagedserve", f"`pagedserve serve {' '.join(PAGEDSERVE_FLAGS)} --enable-prefix-caching`"
                                " (default model GGUF, dequantized)"))

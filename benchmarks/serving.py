@@ -22,7 +22,15 @@ import tempfile
 import time
 
 import httpx
-from common import QUIET_OTHER_CORES, OtherLoadMeter, log, machine_description, markdown_table, wait_for_quiet
+from common import (
+    QUICK_WARNING,
+    QUIET_OTHER_CORES,
+    OtherLoadMeter,
+    log,
+    machine_description,
+    markdown_table,
+    wait_for_quiet,
+)
 from report import replace_section
 
 from pagedserve.benchmarks import serve
@@ -220,7 +228,7 @@ def section(sweeps: dict[str, dict], output: str, chart: str, minutes: float, qu
         "",
     ]
     if quick:
-        lines += ["**--quick run: sizes shrunk to check the script; do not quote these numbers.**", ""]
+        lines += [QUICK_WARNING, ""]
     lines += [
         markdown_table(["", ""], [
             *machine_description(),
