@@ -49,6 +49,12 @@ def default_path() -> str:
         if forced not in PATHS:
             raise ValueError(f"PAGEDSERVE_GGUF_KERNEL must be one of {PATHS}, got {forced!r}")
         return forced
+    return _native_path()
+
+
+@functools.cache
+def _native_path() -> str:
+    """What this machine's build runs (asked once: `matmul` takes a path on every call)."""
     library = load()
     if library is None:
         return "torch"
