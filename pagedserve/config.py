@@ -8,7 +8,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from pagedserve.engine_args import SCHEDULING_POLICIES, EngineArgs
-from pagedserve.model_executor import gguf_loader
+from pagedserve.model_executor import checkpoint_quantization, gguf_loader
 from pagedserve.model_files import resolve_model
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -35,7 +35,9 @@ class EngineConfig:
     structured_outputs_backend: str  # "xgrammar", "guidance" or "auto"
     scheduling_policy: str
     async_scheduling: bool  # overlap scheduling with the forward (see engine_core.py)
-    quantization: str | None = None  # "gguf": linear weights stay in their GGUF blocks (see loader.py)
+    # "gguf": linear weights stay in their GGUF blocks; "int8" / "int4": quantized at load; "gptq" / "awq": the
+    # checkpoint's 4-bit weights (see loader.py and layers/quantization/)
+    quantization: str | None = None
 
 
 def cpu_supports_bf16() -> bool:
@@ -96,10 +98,7 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         raise ValueError(f"max_num_batched_tokens must be positive, got {max_num_batched_tokens}")
     if args.scheduling_policy not in SCHEDULING_POLICIES:
         raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {args.scheduling_policy!r}")
-    if args.quantization not in (None, "gguf"):
-        raise ValueError(f"quantization must be None or 'gguf', got {args.quantization!r}")
-    if args.quantization == "gguf" and not gguf_path:
-        raise ValueError("quantization='gguf' needs a .gguf model")
+    quantization = resolve_quantization(args.quantization, hf_config, gguf_path, device, args.dequantize_gguf)
     num_kv_blocks = args.num_kv_blocks or args.num_gpu_blocks_override
     if num_kv_blocks is not None and num_kv_blocks <= 0:
         raise ValueError(f"num_kv_blocks must be positive, got {num_kv_blocks}")
@@ -122,8 +121,45 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         structured_outputs_backend=structured_outputs_backend(args.structured_outputs_config),
         scheduling_policy=args.scheduling_policy,
         async_scheduling=args.async_scheduling,
-        quantization=args.quantization,
+        quantization=quantization,
     )
+
+
+QUANTIZATION_METHODS = (None, "gguf", "int8", "int4", "gptq", "awq")  # vLLM's names
+
+
+def resolve_quantization(requested: str | None, hf_config: PretrainedConfig, gguf_path: str | None,
+                         device: torch.device, dequantize_gguf: bool = False) -> str | None:
+    """The quantization the weights run with: what the user asked for, or, as vLLM, the checkpoint's own
+    (`quantization_config` in config.json) when they asked for none; a ValueError for what does not fit.
+
+    A .gguf file runs on its blocks by default on the CPU, where the native kernels are; on a GPU the blocks would
+    be dequantized on every call (the torch path), so there it is dequantized once at load unless asked for."""
+    if requested not in QUANTIZATION_METHODS:
+        raise ValueError(f"quantization must be one of {QUANTIZATION_METHODS}, got {requested!r}")
+    if dequantize_gguf and (not gguf_path or requested is not None):
+        raise ValueError("dequantize_gguf applies to a .gguf model with no quantization method given")
+    if gguf_path:
+        if requested not in (None, "gguf"):
+            raise ValueError(f"quantization={requested!r} does not apply to a .gguf model (use 'gguf' or None)")
+        if requested is None and not dequantize_gguf and device.type == "cpu":
+            return "gguf"
+        return requested
+    if requested == "gguf":
+        raise ValueError("quantization='gguf' needs a .gguf model")
+    checkpoint = checkpoint_quantization.checkpoint_method(hf_config)
+    if checkpoint is None:
+        if requested in checkpoint_quantization.METHODS:
+            raise ValueError(f"quantization={requested!r} needs a checkpoint whose config.json has a "
+                             f"quantization_config with quant_method {requested!r}; this one has none")
+        return requested
+    if requested is not None and requested != checkpoint:
+        raise ValueError(f"the checkpoint is quantized with {checkpoint!r} (config.json quantization_config); "
+                         f"quantization={requested!r} does not apply to it")
+    config = checkpoint_quantization.quantization_config(hf_config)
+    # unsupported methods, bits, group sizes: a ValueError now, not at load
+    checkpoint_quantization.parse_config(config or {})
+    return checkpoint
 
 
 STRUCTURED_OUTPUTS_BACKENDS = ("xgrammar", "guidance", "auto")

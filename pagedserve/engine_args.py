@@ -12,7 +12,11 @@ class EngineArgs:
     tokenizer: str | None = None
     gguf_file: str | None = None  # a GGUF file inside the `model` directory
     dtype: str = "auto"
-    quantization: str | None = None  # "gguf": keep a GGUF file's linear weights in their block format
+    # None (the checkpoint's own: a GPTQ / AWQ config's method; "gguf" for a .gguf file on the CPU), "gguf" (keep a
+    # GGUF file's linear weights in their block format), "int8" / "int4" (quantize a float checkpoint's linear
+    # weights at load), "gptq" / "awq" (vLLM's names)
+    quantization: str | None = None
+    dequantize_gguf: bool = False  # load a .gguf file's weights dequantized to `dtype` instead of computing on blocks
     max_model_len: int | None = None
     block_size: int = 16
     max_num_seqs: int = 256

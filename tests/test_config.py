@@ -1,6 +1,7 @@
-"""EngineArgs -> EngineConfig: dtype resolution and the checkpoint's generation defaults."""
+"""EngineArgs -> EngineConfig: dtype resolution, the checkpoint's generation defaults, the quantization method."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -44,3 +45,57 @@ def test_llm_applies_generation_defaults_when_given_no_params(tmp_path, llama_di
     assert params.temperature == 0.0 and params.max_tokens == 5
     out = llm.generate("The quick", use_tqdm=False)[0].outputs[0]
     assert len(out.token_ids) <= 5 and out.finish_reason in ("length", "stop")
+
+
+@pytest.mark.parametrize("name", ["fp8", "INT8", "int3", "bitsandbytes", "gptq_marlin"])
+def test_unknown_quantization_names_are_refused(llama_dir, name):
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        create_engine_config(EngineArgs(llama_dir, quantization=name))
+
+
+@pytest.mark.parametrize("name", ["int8", "int4", "gptq", "awq"])
+def test_checkpoint_quantizations_do_not_apply_to_a_gguf_model(name):
+    with pytest.raises(ValueError, match="does not apply to a .gguf model"):
+        create_engine_config(EngineArgs(None, quantization=name))  # the default model: a Q4_1 GGUF
+
+
+def test_quantization_of_a_float_checkpoint(llama_dir):
+    assert create_engine_config(EngineArgs(llama_dir)).quantization is None
+    assert create_engine_config(EngineArgs(llama_dir, quantization="int4")).quantization == "int4"
+    with pytest.raises(ValueError, match="needs a .gguf model"):
+        create_engine_config(EngineArgs(llama_dir, quantization="gguf"))
+    for name in ("gptq", "awq"):
+        with pytest.raises(ValueError, match="quantization_config .* this one has none"):
+            create_engine_config(EngineArgs(llama_dir, quantization=name))
+
+
+@pytest.mark.parametrize(("quantization_config", "error"), [
+    ({"quant_method": "fp8"}, "quant_method 'fp8' is not supported"),
+    ({"quant_method": "gptq", "bits": 8, "group_size": 128}, "bits=8 are not supported"),
+    ({"quant_method": "gptq", "bits": 3, "group_size": 128}, "bits=3 are not supported"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 16}, "group_size 16 is not supported"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 128, "checkpoint_format": "marlin"}, "checkpoint_format"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 128, "dynamic": {r"+:.*\.1[0-5]\..*": {"bits": 8}}},
+     "per-module overrides"),
+    ({"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": False}, "zero_point=false"),
+    ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"}, "only GEMM"),
+])
+def test_unsupported_checkpoint_quantization(tmp_path, llama_dir, quantization_config, error):
+    with open(os.path.join(llama_dir, "config.json")) as f:
+        config = json.load(f)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "quantization_config": quantization_config}))
+    with pytest.raises(ValueError, match=error):
+        create_engine_config(EngineArgs(str(tmp_path)))
+
+
+def test_a_gguf_model_runs_quantized_by_default_on_the_cpu():
+    assert create_engine_config(EngineArgs(None)).quantization == "gguf"  # the default model: a Q4_1 GGUF
+    assert create_engine_config(EngineArgs(None, quantization="gguf")).quantization == "gguf"
+    assert create_engine_config(EngineArgs(None, dequantize_gguf=True)).quantization is None
+
+
+def test_dequantize_gguf_needs_a_gguf_model_and_no_method(llama_dir):
+    with pytest.raises(ValueError, match="dequantize_gguf"):
+        create_engine_config(EngineArgs(None, quantization="gguf", dequantize_gguf=True))
+    with pytest.raises(ValueError, match="dequantize_gguf"):
+        create_engine_config(EngineArgs(llama_dir, dequantize_gguf=True))

@@ -14,15 +14,22 @@ import typing
 
 from pagedserve.engine_args import EngineArgs
 
+if typing.TYPE_CHECKING:
+    from pagedserve.entrypoints.openai.serving import ServingOptions
+
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")  # tool_parsers.TOOL_PARSERS, light to import
+ROUTERS = ("session", "prefix", "round-robin", "ray-prefix")  # ray_serve.router.POLICIES + Ray's, without Ray
 
 _HELP = {
     "model": "HF checkpoint directory or .gguf file (default: the bundled SmolLM2-135M-Instruct GGUF)",
     "tokenizer": "tokenizer directory (default: the model's)",
     "gguf_file": "a .gguf file inside the MODEL directory",
     "dtype": "float32, bfloat16, float16 or auto (the checkpoint's; bf16 only on CPUs with AVX512-BF16/AMX)",
-    "quantization": "gguf: keep a GGUF file's linear weights in their block format and compute on them (Q4_0, "
-                    "Q4_1, Q8_0; other types are dequantized as without it)",
+    "quantization": "gguf: compute on a GGUF file's blocks (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K; the default for a "
+                    ".gguf file on a CPU); int8 / int4: quantize a Hugging Face checkpoint's linear weights at load "
+                    "(int8 per channel, int4 in groups of 128); gptq / awq: a 4-bit GPTQ / AWQ checkpoint (found "
+                    "from its config.json when not given)",
+    "dequantize_gguf": "load a .gguf file's weights dequantized to --dtype instead of computing on its blocks",
     "max_model_len": "longest prompt + output, in tokens (default: the config's max_position_embeddings)",
     "block_size": "tokens per KV-cache block",
     "max_num_seqs": "most sequences in one step",
@@ -123,12 +130,40 @@ def _stop_starting(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # a SIGTERM while the model loads: stop cleanly (the engine process too)
 
 
+def _serving_options(ns: argparse.Namespace) -> "ServingOptions":
+    from pagedserve.entrypoints.openai.serving import ServingOptions
+
+    return ServingOptions(
+        model_name=_served_model_name(ns), chat_template=_read_chat_template(ns.chat_template),
+        trust_request_chat_template=ns.trust_request_chat_template,
+        enable_prompt_tokens_details=ns.enable_prompt_tokens_details,
+        enable_auto_tool_choice=ns.enable_auto_tool_choice, tool_call_parser=ns.tool_call_parser,
+    )
+
+
+def _serve_on_ray(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
+    """--num-replicas / --autoscaling-config: replicas on Ray Serve behind the same OpenAI app."""
+    try:
+        from pagedserve.entrypoints.ray_serve.app import ReplicaSettings, build_application, run
+    except ImportError as e:
+        raise ValueError(f"--num-replicas needs Ray Serve: pip install 'pagedserve[ray]' ({e})") from None
+    bind_socket(ns.host, ns.port).close()  # a port in use fails now, not after the replicas load
+    settings = ReplicaSettings(
+        num_replicas=ns.num_replicas or 1, router=ns.router, autoscaling_config=ns.autoscaling_config,
+        engine_placement=ns.engine_placement, max_waiting_requests=ns.max_waiting_requests,
+        replica_cpus=ns.replica_cpus, shutdown_timeout=ns.shutdown_timeout, log_interval=ns.log_interval)
+    app = build_application(engine_args, _serving_options(ns), settings, ns.api_key, ns.max_request_body_bytes)
+    return run(app, ns.host, ns.port, ns.ray_address)
+
+
 def _serve(ns: argparse.Namespace) -> int:
     from pagedserve.engine.process import start_engine_process
     from pagedserve.model_files import resolve_model
 
     engine_args = engine_args_from(ns)
     resolve_model(engine_args.model, engine_args.gguf_file)  # a bad path: one line, before anything starts
+    if ns.num_replicas is not None or ns.autoscaling_config is not None:
+        return _serve_on_ray(ns, engine_args)
     sock = bind_socket(ns.host, ns.port)
     signal.signal(signal.SIGTERM, _stop_starting)
     engine_process = None
@@ -137,15 +172,9 @@ def _serve(ns: argparse.Namespace) -> int:
         if ns.engine_placement == "process":
             engine_process = start_engine_process(engine_args, logging.getLogger("pagedserve").level)
         from pagedserve.entrypoints.openai.api_server import serve
-        from pagedserve.entrypoints.openai.serving import ServingOptions
         from pagedserve.frontend.async_llm import AsyncLLM
 
-        options = ServingOptions(
-            model_name=_served_model_name(ns), chat_template=_read_chat_template(ns.chat_template),
-            trust_request_chat_template=ns.trust_request_chat_template,
-            enable_prompt_tokens_details=ns.enable_prompt_tokens_details,
-            enable_auto_tool_choice=ns.enable_auto_tool_choice, tool_call_parser=ns.tool_call_parser,
-        )
+        options = _serving_options(ns)
         engine = AsyncLLM(engine_args, ns.engine_placement, options.model_name, ns.log_interval,
                           ns.max_waiting_requests, engine_process, ns.max_engine_restarts)
         return asyncio.run(serve(engine, options, sock, ns.api_key, ns.shutdown_timeout, ns.max_request_body_bytes,
@@ -190,8 +219,34 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
                        help="the model family's tool-call format")
     serve.add_argument("--max-engine-restarts", type=int, default=3,
                        help="restarts of a dead engine allowed within ten minutes before the server exits with 1")
+    _add_ray_args(serve)
     add_engine_args(serve)
     _add_log_level(serve)
+
+
+def _add_ray_args(serve: argparse.ArgumentParser) -> None:
+    ray = serve.add_argument_group("data-parallel replicas on Ray Serve (pip install 'pagedserve[ray]')")
+    ray.add_argument("--num-replicas", type=_positive_int, default=None,
+                     help="serve with this many engine replicas (each its own engine and KV pool) on Ray Serve")
+    ray.add_argument("--ray-address", default=None,
+                     help="the Ray cluster to join (`ray start --head` prints it); default: a local Ray instance")
+    ray.add_argument("--router", choices=ROUTERS, default="session",
+                     help="which replica serves a request: session (a session's replica, else the longest cached "
+                          "prefix, else the less loaded of two), prefix (the last two), round-robin; ray-prefix: Ray's "
+                          "PrefixCacheAffinityRouter, for comparison")
+    ray.add_argument("--autoscaling-config", type=_json_object, default=None,
+                     help="Ray Serve's autoscaling_config as JSON (replaces --num-replicas), e.g. "
+                          '\'{"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 32}\'')
+    ray.add_argument("--replica-cpus", type=float, default=1.0,
+                     help="CPUs Ray reserves for each replica (Ray also sets its OMP_NUM_THREADS, so torch's threads, "
+                          "from it)")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _add_log_level(parser: argparse.ArgumentParser) -> None:

@@ -57,11 +57,23 @@ def _build(source: Path, compiler: str) -> Path:
 
 
 Signature = tuple[type | None, Sequence[type]]  # (restype, argtypes) of an exported C function
+KERNEL_PATHS = ("vnni", "portable", "torch")  # what PAGEDSERVE_GGUF_KERNEL / PAGEDSERVE_INT_KERNEL may force
+
+
+def forced_path(variable: str) -> str | None:
+    """The kernel path the environment variable forces (one of KERNEL_PATHS), or None when it is not set."""
+    forced = os.environ.get(variable)
+    if forced and forced not in KERNEL_PATHS:
+        raise ValueError(f"{variable} must be one of {KERNEL_PATHS}, got {forced!r}")
+    return forced or None
 
 
 def load(source: Path, what: str, functions: Mapping[str, Signature]) -> ctypes.CDLL | None:
     """The compiled library of `source` with the ctypes signatures of its `functions` (name -> (restype,
-    argtypes)) declared, or None (with one warning naming `what` falls back) if it cannot be built here."""
+    argtypes)) declared, or None if `PAGEDSERVE_NATIVE=0`, or (with one warning naming what falls back) if it
+    cannot be built here."""
+    if os.environ.get("PAGEDSERVE_NATIVE", "1") == "0":
+        return None
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         logger.warning("no C++ compiler found: %s uses the PyTorch path", what)

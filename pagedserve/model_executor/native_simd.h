@@ -11,6 +11,28 @@
 
 namespace native {
 
+inline float f16(const uint8_t* p) {  // an IEEE half (GGUF's block scales) at p -> float, without F16C
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  const uint32_t sign = uint32_t(h >> 15) << 31, exp = (h >> 10) & 0x1f, mant = h & 0x3ff;
+  uint32_t bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (mant << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (mant << 13);
+  } else if (mant == 0) {
+    bits = sign;
+  } else {  // subnormal half: a normal float
+    float f = std::ldexp(float(mant), -24);
+    std::memcpy(&bits, &f, 4);
+    bits |= sign;
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+
 inline float to_float(float x) { return x; }
 inline float to_float(uint16_t x) {  // bfloat16 bits -> float32: the upper half of the float
   uint32_t bits = uint32_t(x) << 16;

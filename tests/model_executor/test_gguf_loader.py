@@ -428,7 +428,7 @@ def test_default_model_greedy_equals_transformers(hf_model: torch.nn.Module, hf_
     from pagedserve import LLM, SamplingParams
 
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "List three colors:"]
-    llm = LLM(dtype="float32", max_model_len=256, num_kv_blocks=64)
+    llm = LLM(dtype="float32", dequantize_gguf=True, max_model_len=256, num_kv_blocks=64)
     outs = llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True), use_tqdm=False)
     for prompt, out in zip(prompts, outs):
         ids = hf_tokenizer(prompt, return_tensors="pt").input_ids

@@ -21,12 +21,9 @@
 #include <vector>
 
 #include "../native_simd.h"
+#include "../native_amx.h"
 
 #if defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#include <sys/syscall.h>
-#include <unistd.h>
-
-#include <mutex>
 
 namespace {
 
@@ -49,29 +46,6 @@ constexpr int64_t TILE = 16;  // keys per S^T tile, query columns per task, head
 constexpr int64_t STEP = 32;  // keys per softmax step
 constexpr float RESCALE_MARGIN = 8.f;
 
-struct TileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-bool amx_permitted() {  // Linux gives a process the AMX tile state only when it asks once
-  static bool permitted = false;
-  static std::once_flag once;
-  std::call_once(once, [] { permitted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18) == 0; });
-  return permitted;
-}
-
-void configure_tiles() {  // every tile register: 16 rows of 64 bytes
-  TileConfig config;
-  for (int t = 0; t < 8; ++t) {
-    config.rows[t] = 16;
-    config.colsb[t] = 64;
-  }
-  _tile_loadconfig(&config);
-}
 
 struct Chunk {
   int64_t query_start, query_len, context_len;

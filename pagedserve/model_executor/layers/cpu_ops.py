@@ -8,7 +8,6 @@ concatenation most of another 10%.
 
 import ctypes
 import functools
-import os
 from pathlib import Path
 
 import torch
@@ -28,8 +27,6 @@ _SIGNATURES = {
 @functools.cache
 def load() -> ctypes.CDLL | None:
     """The compiled library, or None (PAGEDSERVE_NATIVE=0, or no compiler: one warning)."""
-    if os.environ.get("PAGEDSERVE_NATIVE", "1") == "0":
-        return None
     functions = {f"{name}_{suffix}": (None, argtypes) for name, argtypes in _SIGNATURES.items()
                  for suffix in _DTYPES.values()}
     return native.load(_SOURCE, "RMSNorm and rope", functions)

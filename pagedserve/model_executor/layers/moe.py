@@ -3,7 +3,8 @@
 Experts are batched by expert: the flat (token, slot) assignments are sorted by expert id, each expert
 runs its gate/up and down projections as one matmul over its group of tokens (an expert with no
 tokens is skipped), and one `index_add_` sums the weighted outputs back per token, in ascending
-expert order as transformers adds them.
+expert order as transformers adds them. That routing is `GroupedExperts`; the float store (`FusedExperts`)
+and the quantized one (`quantization.int_linear.QuantizedExperts`) only supply one expert's MLP.
 """
 
 import torch
@@ -20,14 +21,12 @@ def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -
     return weights, expert_ids
 
 
-class FusedExperts(nn.Module):
-    """`num_experts` SwiGLU MLPs stored as 3-D parameters, in transformers' fused layout."""
+class GroupedExperts(nn.Module):
+    """The routing every expert store shares: (token, slot) pairs grouped by expert, one call of
+    `expert_forward` per expert that has tokens, weighted outputs summed back per token. Float and quantized
+    experts differ only in `expert_forward`."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
-        super().__init__()
-        self.num_experts = num_experts
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+    num_experts: int
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         top_k = expert_ids.shape[1]
@@ -42,11 +41,28 @@ class FusedExperts(nn.Module):
             if count == 0:
                 continue
             rows = slice(start, start + count)
-            gate, up = F.linear(routed[rows], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            outputs[rows] = F.linear(F.silu(gate) * up, self.down_proj[expert])
+            outputs[rows] = self.expert_forward(expert, routed[rows])
             start += count
         outputs *= weights.flatten()[order].unsqueeze(1).to(outputs.dtype)
         return torch.zeros_like(x).index_add_(0, token_ids, outputs)
+
+    def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """One expert's SwiGLU MLP on the rows routed to it."""
+        raise NotImplementedError
+
+
+class FusedExperts(GroupedExperts):
+    """`num_experts` SwiGLU MLPs stored as 3-D parameters, in transformers' fused layout."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up_proj[expert]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj[expert])
 
 
 class SparseMoeBlock(nn.Module):
@@ -70,7 +86,7 @@ class SparseMoeBlock(nn.Module):
         self.top_k = top_k
         self.renormalize = renormalize
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
-        self.experts = FusedExperts(num_experts, hidden_size, intermediate_size)
+        self.experts: GroupedExperts = FusedExperts(num_experts, hidden_size, intermediate_size)
         self.shared_expert = shared_expert
         if shared_expert is not None:
             self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)

@@ -9,7 +9,7 @@ from gguf.quants import quantize
 
 from pagedserve.model_executor import gguf_loader
 from pagedserve.model_executor.layers.quantization import gguf_q4_q8
-from pagedserve.model_executor.layers.quantization.gguf import GGUFLinear
+from pagedserve.model_executor.layers.quantization.gguf import GGUFEmbedding, GGUFLinear
 
 TYPES = (T.Q4_0, T.Q4_1, T.Q8_0)
 
@@ -29,15 +29,15 @@ def integer_part(blocks: torch.Tensor, ggml_type: T, n: int, k: int) -> torch.Te
     return w
 
 
-def error_bound(x: torch.Tensor, blocks: torch.Tensor, ggml_type: T, n: int, path: str, m_rows: int) -> torch.Tensor:
-    """|out - x W^T| may reach: the rounding of x on the VNNI path (int8 steps of amax / 127 per 32-block, the
-    remainder in steps of 1/128 of that: half of the finer step, times the integer part of the weights), bf16
-    rounding of the weight and the output in bf16, float sums."""
+def error_bound(x: torch.Tensor, blocks: torch.Tensor, ggml_type: T, n: int, path: str) -> torch.Tensor:
+    """|out - x W^T| may reach: the rounding of x where the VNNI GEMV runs (int8 steps of amax / 127 per 32-block,
+    the remainder in steps of 1/128 of that: half of the finer step, times the integer part of the weights), bf16
+    rounding of the weight (the AMX kernel and the dequantized matmul) and of the output in bf16, float sums."""
     m, k = x.shape
     xd = x.double()
     absprod = xd.abs() @ gguf_loader.dequantize(blocks.reshape(-1), ggml_type, (n, k)).double().abs().T
     bound = 1e-5 * absprod
-    if path == "vnni" and m_rows <= gguf_q4_q8.MAX_GEMV_ROWS:
+    if path == "vnni" and gguf_q4_q8.kernel(m, x.dtype, path) == "gemv":
         half_step = xd.reshape(m, k // 32, 32).abs().amax(-1) / (127 * 256)  # [m, blocks]
         w_int = integer_part(blocks, ggml_type, n, k).abs().reshape(n, k // 32, 32).sum(-1)  # [n, blocks]
         bound = bound + half_step @ w_int.T
@@ -46,20 +46,35 @@ def error_bound(x: torch.Tensor, blocks: torch.Tensor, ggml_type: T, n: int, pat
     return bound
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("path", gguf_q4_q8.PATHS)
-@pytest.mark.parametrize("m", [1, 7, 64])
-@pytest.mark.parametrize("ggml_type", TYPES)
-def test_matmul_against_float64(ggml_type: T, m: int, path: str, dtype: torch.dtype) -> None:
-    n, k = 37, 224  # odd N; K = 7 blocks: an odd tail of blocks, not a multiple of the 64-byte vector
+def check_matmul(ggml_type: T, n: int, k: int, m: int, path: str, dtype: torch.dtype) -> None:
+    """matmul against x W^T in float64, W dequantized by gguf's reference, within error_bound."""
     blocks = random_blocks(n, k, ggml_type)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
     ref = x.double() @ gguf_loader.dequantize(blocks.reshape(-1), ggml_type, (n, k)).double().T
     out = gguf_q4_q8.matmul(x, blocks, ggml_type, n, path)
     assert out.dtype == dtype and out.shape == (m, n)
     error = (out.double() - ref).abs()
-    bound = error_bound(x, blocks, ggml_type, n, path, m)
+    bound = error_bound(x, blocks, ggml_type, n, path)
     assert (error <= bound).all(), f"worst error / bound {(error / bound).max():.3f}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("path", gguf_q4_q8.PATHS)
+# 2 | 3: the GEMV | AMX switch; 7: under one tile; 300: a tile and a tile pair short; 600: two 512-row passes
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 16, 64, 300, 600])
+@pytest.mark.parametrize("ggml_type", TYPES)
+def test_matmul_against_float64(ggml_type: T, m: int, path: str, dtype: torch.dtype) -> None:
+    # odd N (AMX: one full 32-row strip, then 5 rows); K = 7 blocks: an odd tail of blocks (VNNI pairs them)
+    check_matmul(ggml_type, 37, 224, m, path, dtype)
+
+
+@pytest.mark.parametrize("n, k, m", [(200, 576, 70), (96, 1536, 33)])
+@pytest.mark.parametrize("ggml_type", TYPES)
+def test_amx_kernel_on_model_shapes(ggml_type: T, n: int, k: int, m: int) -> None:
+    """Several strips per thread (each dequantized while the one before is multiplied), K as in the default model."""
+    if gguf_q4_q8.kernel(m, torch.bfloat16, "vnni") != "amx":
+        pytest.skip("no AMX here: the bf16 batches take the dequantize + matmul path, tested above")
+    check_matmul(ggml_type, n, k, m, "vnni", torch.bfloat16)
 
 
 def test_vnni_is_built_here() -> None:
@@ -68,6 +83,17 @@ def test_vnni_is_built_here() -> None:
     if "avx512_vnni" not in flags:
         pytest.skip("no AVX512-VNNI on this CPU")
     assert gguf_q4_q8.default_path() == "vnni"
+
+
+def test_amx_is_built_here() -> None:
+    """Where the CPU has AMX, bf16 batches from MIN_AMX_ROWS rows on run on it (the cases above test the kernel)."""
+    if "amx_bf16" not in open("/proc/cpuinfo").read():
+        pytest.skip("no AMX-BF16 on this CPU")
+    assert gguf_q4_q8.has_amx()
+    assert gguf_q4_q8.kernel(gguf_q4_q8.MIN_AMX_ROWS, torch.bfloat16, "vnni") == "amx"
+    assert gguf_q4_q8.kernel(gguf_q4_q8.MIN_AMX_ROWS - 1, torch.bfloat16, "vnni") == "gemv"
+    assert gguf_q4_q8.kernel(64, torch.float32, "vnni") == "dequantize"
+    assert gguf_q4_q8.kernel(64, torch.bfloat16, "portable") == "dequantize"
 
 
 def test_forced_path(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -115,7 +141,8 @@ def _argmax_per_position(quantization: str | None, ids: list[int], decode: bool)
     from pagedserve.model_executor.attention.torch_paged import AttentionMetadata
     from pagedserve.model_executor.loader import load_model
 
-    config = create_engine_config(EngineArgs(quantization=quantization, max_model_len=512))
+    config = create_engine_config(EngineArgs(quantization=quantization, dequantize_gguf=quantization is None,
+                                             max_model_len=512))
     model = load_model(config)
     block_size, num_blocks = 16, -(-len(ids) // 16)
     for attn in model.attention_layers():
@@ -147,7 +174,10 @@ def test_default_model_quantized_agrees_with_dequantized() -> None:
 def test_default_model_quantized_says_paris() -> None:
     from pagedserve import LLM, SamplingParams
 
-    llm = LLM(quantization="gguf", max_model_len=256, num_kv_blocks=32)
+    llm = LLM(max_model_len=256, num_kv_blocks=32)  # a .gguf file runs on its blocks by default
+    model = llm.engine.model_runner.model
+    assert isinstance(model.model.embed_tokens, GGUFEmbedding)  # Q8_0 in the file, and the head tied to it
+    assert isinstance(model.lm_head, GGUFLinear) and model.lm_head.blocks is model.model.embed_tokens.blocks
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     out = llm.chat(messages, SamplingParams(max_tokens=24, temperature=0), use_tqdm=False)[0]
     assert "Paris" in out.outputs[0].text

@@ -11,39 +11,34 @@
 // w + q2 . w fits int32), and are scaled into float accumulators by d_w * d_x / 128; the block sums Q4_1 needs
 // are exact float sums. Threads split the output rows; each weight block is unpacked once for all M activation
 // rows. Without VNNI (or `portable`), a plain loop dequantizes a block to float and dots it.
-// dequant: W to bf16 / float32 rows, for the batched path (a matmul on the dequantized weight).
+// gemm (bf16 x, batches; CPUs with AMX): out^T = W x^T on AMX tiles, without the whole bf16 weight ever existing.
+// W is the A operand: a strip of 32 weight rows is dequantized to bf16 one block (32 k) at a time, and a block of
+// 16 rows is one A tile (16 rows x 64 bytes) as it lies, no reordering. x is the B operand, packed once per call
+// into AMX's VNNI layout (pairs of k per 32-bit lane, by 16 x 16 transposes); the C tiles (16 weight rows x 16
+// x rows, float) are transposed back into out. Per block step two weight tiles x two x tiles, four accumulators.
+// The first pass over a strip dequantizes block s + 1 while the tile unit multiplies block s (the vector ports
+// and the tile unit work at once); further x tiles reuse the strip from L1. 4-bit blocks are dequantized two rows
+// at a time as table look-ups: only 16 values d q + m exist per block, so both blocks' 32 values are computed in
+// float, rounded to bf16, and vpermw picks each weight's by its nibble; Q8_0 goes through float. The values are
+// `dequant`'s. Dequantizing is the cost that bf16 weights do not pay (~4 cycles per block of 32 weights here):
+// it sets the row range where this kernel runs (gguf_q4_q8.py: MIN_AMX_ROWS, MAX_AMX_ROWS).
+// dequant: W to bf16 / float32 rows, for the batched path elsewhere (a matmul on the dequantized weight).
 // Plain C ABI (called through ctypes), built on first use (see native.py).
 
+#include <algorithm>
+
 #include "../../native_simd.h"
+#include "../../native_amx.h"
+
 
 namespace {
 
+using native::f16;
 using native::store;
 using native::to_float;
 
 enum Format { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2 };
 constexpr int64_t kBlockBytes[] = {18, 20, 34};
-
-inline float f16(const uint8_t* p) {  // IEEE half at p -> float (portable: no F16C needed)
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  const uint32_t sign = uint32_t(h >> 15) << 31, exp = (h >> 10) & 0x1f, mant = h & 0x3ff;
-  uint32_t bits;
-  if (exp == 0x1f) {
-    bits = sign | 0x7f800000u | (mant << 13);
-  } else if (exp != 0) {
-    bits = sign | ((exp + 112) << 23) | (mant << 13);
-  } else if (mant == 0) {
-    bits = sign;
-  } else {  // subnormal half: a normal float
-    float f = std::ldexp(float(mant), -24);
-    std::memcpy(&bits, &f, 4);
-    bits |= sign;
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
 
 // One block of 32 weights to float.
 template <Format F>
@@ -271,6 +266,245 @@ void gemv_vnni(const T* x, const uint8_t* blocks, T* out, int64_t m, int64_t n, 
 }
 #endif
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__F16C__)
+constexpr int64_t kTile = 16;       // rows of a tile: weight rows of A and C, pairs of k of B (x rows per B row)
+constexpr int64_t kStripRows = 32;  // weight rows per strip: two A tiles (tmm4, tmm5)
+
+
+
+// A strip's block scales as floats, [row][block]: d, and the offset m (Q4_1's m, Q4_0's -8 d; not for Q8_0).
+// One gather reads 16 blocks' leading 4 bytes (d, m as halves) of a row.
+template <Format F>
+void strip_scales(const uint8_t* row0, int64_t row_bytes, int64_t rows, int64_t nb, float* ds, float* ms) {
+  const __m512i offsets = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                             _mm512_set1_epi32(int(kBlockBytes[F])));
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t s = 0; s < nb; s += 16) {
+      const __mmask16 valid = nb - s >= 16 ? __mmask16(0xffff) : __mmask16((1u << (nb - s)) - 1);
+      const __m512i halves = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, offsets,
+                                                          row0 + r * row_bytes + s * kBlockBytes[F], 1);
+      const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(halves));
+      _mm512_mask_storeu_ps(ds + r * nb + s, valid, d);
+      if constexpr (F == Q4_1) {
+        const __m512 m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(halves, 16)));
+        _mm512_mask_storeu_ps(ms + r * nb + s, valid, m);
+      } else if constexpr (F == Q4_0) {
+        _mm512_mask_storeu_ps(ms + r * nb + s, valid, _mm512_mul_ps(d, _mm512_set1_ps(-8.f)));
+      }
+    }
+  }
+}
+
+// One block's 32 weights in bf16, in order: the same values (float math, then round to nearest even) as
+// `dequant` writes.
+template <Format F>
+inline void block_bf16(const uint8_t* b, float scale, float offset, uint16_t* w) {
+  const __m512 d = _mm512_set1_ps(scale);
+  __m512 lo, hi;
+  if constexpr (F == Q8_0) {
+    const __m128i* q = reinterpret_cast<const __m128i*>(b + 2);
+    lo = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q))));
+    hi = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1))));
+  } else {
+    const __m512 m = _mm512_set1_ps(offset);
+    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (F == Q4_1 ? 4 : 2))));
+    lo = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(0x0f))), m);
+    hi = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), m);
+  }
+  _mm512_store_si512(w, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+}
+
+// The same block of two 4-bit weight rows (b0, b1) in bf16, into w (64 values: the two 64-byte tile rows). Only
+// 16 values per block exist, d q + m for q = 0..15: one table of both blocks' 32 values (float math, then round to
+// nearest even, as `block_bf16`), then each weight is a table look-up by its nibble (vpermw).
+template <Format F>
+inline void block_pair_bf16(const uint8_t* b0, const uint8_t* b1, const float* scale, const float* offset,
+                            uint16_t* w) {
+  static_assert(F != Q8_0);
+  const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i table = reinterpret_cast<__m512i>(
+      _mm512_cvtne2ps_pbh(_mm512_fmadd_ps(iota, _mm512_set1_ps(scale[1]), _mm512_set1_ps(offset[1])),
+                          _mm512_fmadd_ps(iota, _mm512_set1_ps(scale[0]), _mm512_set1_ps(offset[0]))));
+  constexpr int off = F == Q4_1 ? 4 : 2;
+  const __m512i q = _mm512_cvtepu8_epi16(_mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(b1 + off),
+                                                             reinterpret_cast<const __m128i*>(b0 + off)));
+  const __m512i second = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(16), 1);  // b1's table half
+  const __m512i lo = _mm512_or_si512(_mm512_and_si512(q, _mm512_set1_epi16(0x0f)), second);
+  const __m512i hi = _mm512_or_si512(_mm512_srli_epi16(q, 4), second);
+  _mm512_store_si512(w, _mm512_permutexvar_epi16(_mm512_shuffle_i64x2(lo, hi, 0x44), table));
+  _mm512_store_si512(w + 32, _mm512_permutexvar_epi16(_mm512_shuffle_i64x2(lo, hi, 0xee), table));
+}
+
+// Block s of a strip of up to 32 weight rows in bf16, as two AMX A tiles at strip + s * 1024 (the strip is
+// [block][32 rows][32 k]): a block is one 64-byte tile row as it lies, no reordering; rows past `rows` are zero.
+// ds, ms are [row][block]; the 4-bit formats go two rows at a time (block_pair_bf16).
+template <Format F>
+void dequant_step(const uint8_t* row0, int64_t row_bytes, int64_t rows, int64_t nb, const float* ds,
+                  const float* ms, int64_t s, uint16_t* strip) {
+  uint16_t* w = strip + s * kStripRows * 32;
+  const uint8_t* block = row0 + s * kBlockBytes[F];
+  int64_t r = 0;
+  if constexpr (F != Q8_0) {
+    alignas(8) float scale[2], offset[2];
+    for (; r + 1 < rows; r += 2) {
+      scale[0] = ds[r * nb + s], scale[1] = ds[(r + 1) * nb + s];
+      offset[0] = ms[r * nb + s], offset[1] = ms[(r + 1) * nb + s];
+      block_pair_bf16<F>(block + r * row_bytes, block + (r + 1) * row_bytes, scale, offset, w + r * 32);
+    }
+  }
+  for (; r < rows; ++r) {
+    block_bf16<F>(block + r * row_bytes, ds[r * nb + s], F == Q8_0 ? 0.f : ms[r * nb + s], w + r * 32);
+  }
+  for (; r < kStripRows; ++r) _mm512_store_si512(w + r * 32, _mm512_setzero_si512());
+}
+
+// x (bf16 [m, k]) as AMX B tiles, [16-row tile][block][16 pairs of k][16 rows], 32 bits each (VNNI layout):
+// each tile of x transposed once per call; rows past m are zero.
+void pack_x(const uint16_t* x, int64_t m, int64_t k, uint32_t* xv) {
+  const int64_t nb = k / 32, m_tiles = (m + kTile - 1) / kTile;
+#pragma omp for schedule(static)
+  for (int64_t t = 0; t < m_tiles; ++t) {
+    for (int64_t s = 0; s < nb; ++s) {
+      __m512i r[16];
+      for (int64_t i = 0; i < kTile; ++i) {
+        const int64_t row = t * kTile + i;
+        r[i] = row < m ? _mm512_loadu_si512(x + row * k + s * 32) : _mm512_setzero_si512();
+      }
+      transpose16(r);
+      uint32_t* tile = xv + (t * nb + s) * kTile * kTile;
+      for (int64_t p = 0; p < kTile; ++p) _mm512_store_si512(tile + p * kTile, r[p]);
+    }
+  }
+}
+
+// A C tile (float [16 weight rows][16 rows of x]) transposed to rows of x in bf16: rounded first, two weight rows
+// per 32-bit lane, so that the transpose moves 8 x 16 lanes, not 16 x 16.
+inline void transpose_tile(const float* c, __m256i rows[16]) {
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                              22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  __m512i q[8];  // lane i of q[j]: weight rows 2j, 2j + 1 of x row i
+  for (int j = 0; j < 8; ++j) {
+    const __m512 even = _mm512_load_ps(c + 2 * j * kTile), odd = _mm512_load_ps(c + (2 * j + 1) * kTile);
+    q[j] = _mm512_permutexvar_epi16(interleave, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(odd, even)));
+  }
+  __m512i a[8], e[2][4];  // e[g][i]: 128-bit lane l holds q[4g..4g+3] of x row 4l + i
+  for (int j = 0; j < 4; ++j) {
+    a[2 * j] = _mm512_unpacklo_epi32(q[2 * j], q[2 * j + 1]);
+    a[2 * j + 1] = _mm512_unpackhi_epi32(q[2 * j], q[2 * j + 1]);
+  }
+  for (int g = 0; g < 2; ++g) {
+    e[g][0] = _mm512_unpacklo_epi64(a[4 * g], a[4 * g + 2]);
+    e[g][1] = _mm512_unpackhi_epi64(a[4 * g], a[4 * g + 2]);
+    e[g][2] = _mm512_unpacklo_epi64(a[4 * g + 1], a[4 * g + 3]);
+    e[g][3] = _mm512_unpackhi_epi64(a[4 * g + 1], a[4 * g + 3]);
+  }
+  const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);  // x rows i, 4 + i
+  const __m512i second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);  // x rows 8 + i, 12 + i
+  for (int i = 0; i < 4; ++i) {
+    const __m512i low = _mm512_permutex2var_epi64(e[0][i], first, e[1][i]);
+    const __m512i high = _mm512_permutex2var_epi64(e[0][i], second, e[1][i]);
+    rows[i] = _mm512_castsi512_si256(low);
+    rows[4 + i] = _mm512_extracti64x4_epi64(low, 1);
+    rows[8 + i] = _mm512_castsi512_si256(high);
+    rows[12 + i] = _mm512_extracti64x4_epi64(high, 1);
+  }
+}
+
+// The two C tiles of a strip and an x tile (c: [weight tile][16][16]) into out, whole 64-byte rows: only the
+// rows < m, columns < n that exist.
+inline void store_tiles(const float* c, uint16_t* out, int64_t ldo, int64_t rows, int64_t cols) {
+  __m256i left[16], right[16];
+  transpose_tile(c, left);
+  transpose_tile(c + kTile * kTile, right);
+  const __mmask32 valid = cols >= 2 * kTile ? ~__mmask32(0) : __mmask32((1u << cols) - 1);
+  for (int64_t i = 0; i < rows; ++i) {
+    _mm512_mask_storeu_epi16(out + i * ldo, valid, _mm512_inserti64x4(_mm512_castsi256_si512(left[i]), right[i], 1));
+  }
+}
+
+// The C tiles of one strip (two tiles of weight rows: tmm4, tmm5) against MT tiles of x (tmm6, tmm7), over all
+// k, stored to c as [x tile][weight tile][16][16]. `ahead(s)` runs before block s is multiplied (the first pass
+// over a strip dequantizes block s + 1 there, so that the vector units work while the tile unit multiplies).
+template <int MT, typename Ahead>
+void multiply_strip(const uint16_t* strip, const uint32_t* b0, const uint32_t* b1, int64_t nb, float* c,
+                    const Ahead& ahead) {
+  _tile_zero(0);
+  _tile_zero(1);
+  if constexpr (MT == 2) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t s = 0; s < nb; ++s) {
+    ahead(s);
+    _tile_loadd(4, strip + 2 * s * kTile * 32, 64);
+    _tile_loadd(5, strip + (2 * s + 1) * kTile * 32, 64);
+    _tile_loadd(6, b0 + s * kTile * kTile, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 5, 6);
+    if constexpr (MT == 2) {
+      _tile_loadd(7, b1 + s * kTile * kTile, 64);
+      _tile_dpbf16ps(2, 4, 7);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, 64);
+  _tile_stored(1, c + kTile * kTile, 64);
+  if constexpr (MT == 2) {
+    _tile_stored(2, c + 2 * kTile * kTile, 64);
+    _tile_stored(3, c + 3 * kTile * kTile, 64);
+  }
+}
+
+template <Format F>
+void gemm_amx(const uint16_t* x, const uint8_t* blocks, uint16_t* out, int64_t m, int64_t n, int64_t k) {
+  const int64_t nb = k / 32, row_bytes = nb * kBlockBytes[F], strips = (n + kStripRows - 1) / kStripRows;
+  const int64_t m_tiles = (m + kTile - 1) / kTile, tile_size = nb * kTile * kTile;
+  uint32_t* xv = static_cast<uint32_t*>(std::aligned_alloc(64, m_tiles * tile_size * 4));
+#pragma omp parallel
+  {
+    pack_x(x, m, k, xv);  // ends in a barrier
+    configure_tiles();
+    uint16_t* strip = static_cast<uint16_t*>(std::aligned_alloc(64, kStripRows * k * 2));
+    float* ds = static_cast<float*>(std::aligned_alloc(64, kStripRows * nb * 4 * 2));  // then ms
+    float* ms = ds + kStripRows * nb;
+    alignas(64) float c[4 * kTile * kTile];
+#pragma omp for schedule(static)
+    for (int64_t si = 0; si < strips; ++si) {
+      const int64_t n0 = si * kStripRows, rows = std::min(kStripRows, n - n0);
+      const uint8_t* row0 = blocks + n0 * row_bytes;
+      strip_scales<F>(row0, row_bytes, rows, nb, ds, ms);
+      dequant_step<F>(row0, row_bytes, rows, nb, ds, ms, 0, strip);
+      for (int64_t t = 0; t < m_tiles; t += 2) {
+        auto ahead = [&](int64_t s) {  // the first pass dequantizes the strip's block s + 1
+          if (t == 0 && s + 1 < nb) dequant_step<F>(row0, row_bytes, rows, nb, ds, ms, s + 1, strip);
+        };
+        const int64_t mt = std::min<int64_t>(2, m_tiles - t);
+        const uint32_t* b0 = xv + t * tile_size;
+        if (mt == 2) {
+          multiply_strip<2>(strip, b0, b0 + tile_size, nb, c, ahead);
+        } else {
+          multiply_strip<1>(strip, b0, nullptr, nb, c, ahead);
+        }
+        for (int64_t i = 0; i < mt; ++i) {
+          const int64_t m0 = (t + i) * kTile;
+          store_tiles(c + 2 * i * kTile * kTile, out + m0 * n + n0, n, std::min(kTile, m - m0), n - n0);
+        }
+      }
+    }
+    std::free(ds);
+    std::free(strip);
+    _tile_release();
+  }
+  std::free(xv);
+}
+
+bool has_amx() { return amx_permitted(); }
+#else
+bool has_amx() { return false; }
+template <Format F>
+void gemm_amx(const uint16_t*, const uint8_t*, uint16_t*, int64_t, int64_t, int64_t) {}
+#endif
+
 template <typename T>
 void gemv(const T* x, const uint8_t* blocks, T* out, int64_t m, int64_t n, int64_t k, int format, int portable) {
   switch (format) {
@@ -302,6 +536,17 @@ void gguf_gemv_f32(const float* x, const uint8_t* blocks, float* out, int64_t m,
 void gguf_gemv_bf16(const uint16_t* x, const uint8_t* blocks, uint16_t* out, int64_t m, int64_t n, int64_t k,
                     int format, int portable) {
   gemv(x, blocks, out, m, n, k, format, portable);
+}
+int gguf_has_amx() { return has_amx(); }
+// bf16 x [m, k] -> out [m, n] on AMX tiles; only where gguf_has_amx() says so.
+void gguf_gemm_bf16(const uint16_t* x, const uint8_t* blocks, uint16_t* out, int64_t m, int64_t n, int64_t k,
+                    int format) {
+  if (!has_amx()) return;  // callers ask gguf_has_amx first
+  switch (format) {
+    case Q4_0: return gemm_amx<Q4_0>(x, blocks, out, m, n, k);
+    case Q4_1: return gemm_amx<Q4_1>(x, blocks, out, m, n, k);
+    default: return gemm_amx<Q8_0>(x, blocks, out, m, n, k);
+  }
 }
 void gguf_dequant_f32(const uint8_t* blocks, float* out, int64_t n, int64_t k, int format) {
   dequantize(blocks, out, n, k, format);
