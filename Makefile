@@ -32,9 +32,11 @@ bench: $(STAMP)
 	$(PY) benchmarks/structured_output.py --output BENCHMARKS.md
 	$(PY) benchmarks/agent_sessions.py --output BENCHMARKS.md   # vLLM too: installs it under .peers/ once
 	$(PY) benchmarks/step_profile.py --output BENCHMARKS.md
+	$(PY) benchmarks/routing.py --output BENCHMARKS.md       # two replicas on Ray Serve, one router at a time
 
 # vLLM (CPU build) and llama.cpp in their own venvs under .peers/ (installed once), then served sweeps (vLLM's
 # client and ours) and the agent workload against each, one server at a time; then offline, through one script.
 bench-peers: $(STAMP)
 	$(PY) benchmarks/peers.py --output BENCHMARKS.md
 	$(PY) benchmarks/offline_vs_vllm.py --output BENCHMARKS.md
+	$(PY) benchmarks/quantized.py --output BENCHMARKS.md     # Q4_1 GGUF vs bf16, llama.cpp (same file), vLLM

@@ -53,15 +53,15 @@ def integer_part(blocks: torch.Tensor, ggml_type: T, n: int, k: int) -> torch.Te
 
 
 def error_bound(x: torch.Tensor, blocks: torch.Tensor, ggml_type: T, n: int, path: str) -> torch.Tensor:
-    """|out - x W^T| may reach: float sums (1e-5 of sum |x| |w|); on the VNNI path for M <= 8, the rounding of x
-    to d_x (q1 + q2 / 128) with d_x = amax / 127 per 32-weight sub-block, q1 = round(x / d_x) and q2 the remainder
+    """|out - x W^T| may reach: float sums (1e-5 of sum |x| |w|); on the VNNI GEMV (`kernel`), the rounding of x to
+    d_x (q1 + q2 / 128) with d_x = amax / 127 per 32-weight sub-block, q1 = round(x / d_x) and q2 the remainder
     rounded in steps of d_x / 128, so |x - its rounding| <= d_x / 256, times the integer part of the weights it
-    multiplies; in bfloat16, the rounding of the weight (batched path) and of the output, 2^-9 each."""
+    multiplies; in bfloat16, the rounding of the weight (batched paths) and of the output, 2^-9 each."""
     m, k = x.shape
     xd = x.double()
     absprod = xd.abs() @ reference_weight(blocks, ggml_type, n, k).abs().T
     bound = 1e-5 * absprod
-    if path == "vnni" and m <= gguf_kquants.MAX_GEMV_ROWS:
+    if path == "vnni" and gguf_kquants.kernel(m, x.dtype, path) == "gemv":
         half_step = xd.reshape(m, k // 32, 32).abs().amax(-1) / (127 * 256)  # [m, sub-blocks]
         w_int = integer_part(blocks, ggml_type, n, k).abs().reshape(n, k // 32, 32).sum(-1)  # [n, sub-blocks]
         bound = bound + half_step @ w_int.T
@@ -81,7 +81,9 @@ def test_dequantize_matches_gguf_py(ggml_type: T) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("path", gguf_kquants.PATHS)
-@pytest.mark.parametrize("m", [1, 7, 64])
+# 1, 3: the GEMV; 7: the AMX kernel (bf16) under one tile; 16, 64: whole tiles; 300: a partial tile; 600: above
+# the AMX range (dequantize + matmul)
+@pytest.mark.parametrize("m", [1, 3, 7, 16, 64, 300, 600])
 @pytest.mark.parametrize("ggml_type", TYPES)
 def test_matmul_against_float64(ggml_type: T, m: int, path: str, dtype: torch.dtype) -> None:
     blocks = random_blocks(N, K, ggml_type)
@@ -100,6 +102,40 @@ def test_vnni_is_built_here() -> None:
         pytest.skip("no AVX512-VNNI on this CPU")
     library = gguf_kquants.load()
     assert library is not None and library.gguf_kquants_has_vnni()
+
+
+def needs_amx_kernel(m: int) -> None:
+    if gguf_kquants.kernel(m, torch.bfloat16, "vnni") != "amx":
+        pytest.skip("no AMX here: bf16 batches take the GEMV or dequantize + matmul path, tested above")
+
+
+@pytest.mark.parametrize("ggml_type", TYPES)
+def test_amx_kernel_dequantizes_as_the_dequantizer(ggml_type: T) -> None:
+    """The weights the AMX kernel multiplies are the native dequantizer's bf16 values bit for bit (batches add no
+    rounding of their own): x = rows of the identity picks single weights, each sum has one nonzero term, exact."""
+    needs_amx_kernel(256)
+    blocks = random_blocks(N, K, ggml_type)
+    identity = torch.eye(K, dtype=torch.bfloat16)
+    picked = torch.cat([gguf_kquants.matmul(rows, blocks, ggml_type, N, "vnni") for rows in identity.split(256)])
+    assert torch.equal(picked.T, gguf_kquants.dequantize(blocks, ggml_type, N, K, torch.bfloat16))
+
+
+def test_amx_kernel_is_taken() -> None:
+    """bf16 batches of MIN_AMX_ROWS to MAX_AMX_ROWS rows on the vnni path run on AMX; fewer on the GEMV, more (and
+    float32, and the portable path) dequantize + matmul."""
+    needs_amx_kernel(gguf_kquants.MIN_AMX_ROWS)
+    kernel, low, high = gguf_kquants.kernel, gguf_kquants.MIN_AMX_ROWS, gguf_kquants.MAX_AMX_ROWS
+    assert [kernel(m, torch.bfloat16, "vnni") for m in (low - 1, low, 300, high, high + 1)] == [
+        "gemv", "amx", "amx", "amx", "dequantize"
+    ]
+    assert kernel(64, torch.float32, "vnni") == kernel(64, torch.bfloat16, "portable") == "dequantize"
+
+
+def test_amx_is_built_here() -> None:
+    """Where the CPU has AMX, bf16 batches from MIN_AMX_ROWS rows on run on it (the cases above test the kernel)."""
+    if "amx_bf16" not in open("/proc/cpuinfo").read():
+        pytest.skip("no AMX-BF16 on this CPU")
+    assert gguf_kquants.has_amx()
 
 
 def test_forced_path(monkeypatch: pytest.MonkeyPatch) -> None:

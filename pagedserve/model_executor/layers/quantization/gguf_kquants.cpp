@@ -18,12 +18,26 @@
 // offset is subtracted in the integer dot from the activations' sums. Threads split the output rows; each weight
 // block is unpacked once for all M activation rows. Without VNNI (or `portable`) a plain loop dequantizes a block
 // to float and dots it.
-// dequant: W to bf16 / float32 rows, for the batched path (a matmul on the dequantized weight).
+// gemm (bf16 x, batches; CPUs with AMX): out^T = W x^T on AMX tiles, as gguf_q4_q8.cpp's gemm (read its header),
+// without the whole bf16 weight ever existing. Every K-quant 32-weight sub-block is affine in its stored values
+// (Q4_K / Q5_K: one scale and offset per 32; Q6_K: two scales, one per 16), so a strip of 32 weight rows is
+// dequantized one super-block at a time straight into A tiles ([sub-block][32 rows][32 k]: 16 rows of a sub-block
+// are one 64-byte-row tile as they lie), with `dequant`'s values (the same unpack, fma and rounding; Q4_K / Q5_K
+// by table look-ups, at most 32 values per sub-block). The super-block's tiles (16 KiB) stay in L1 while every x
+// tile passes over them, the C tiles kept in memory between super-blocks; the first pass dequantizes super-block
+// b + 1 while the tile unit multiplies b. x is packed once into AMX's pair layout (transpose16), and each C tile
+// is transposed back (transpose16) and rounded to bf16. Dequantizing is the cost bf16 weights do not pay: it sets
+// the row range where this kernel runs (gguf_kquants.py: MIN_AMX_ROWS, MAX_AMX_ROWS). The tile code is written here
+// again, compactly, rather than shared with gguf_q4_q8.cpp's (which this change could not edit).
+// dequant: W to bf16 / float32 rows, for the batches the AMX kernel does not take (a matmul on the dequantized
+// weight).
 // Plain C ABI (called through ctypes), built on first use (see native.py).
 
+#include <algorithm>
 #include <cstdlib>
 
 #include "../../native_simd.h"
+#include "../../native_amx.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define KQ_AVX512 1
@@ -324,6 +338,209 @@ void gemv_vnni(const T* x, const uint8_t* blocks, T* out, int64_t m, int64_t n, 
 }
 #endif
 
+#if defined(KQ_AVX512) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+constexpr int64_t kTile = 16;       // rows of a tile: weight rows of A and C, pairs of k of B (x rows per B row)
+constexpr int64_t kStripRows = 32;  // weight rows per strip: two A tiles (tmm4, tmm5)
+constexpr int64_t kSubTile = kStripRows * 32;  // bf16 values of one sub-block of a strip
+
+// A block's `group_affine` (the same products, so the same values) in vectors: Q4_K / Q5_K per 32-weight
+// sub-block (their two 16-weight groups share it), Q6_K per 16-weight group.
+template <Format F>
+inline void block_affine(const uint8_t* b, float scale[16], float offset[16]) {
+  if constexpr (F == Q6_K) {
+    const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192));
+    const __m512 s = _mm512_mul_ps(_mm512_set1_ps(f16(b + 208)), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)));
+    _mm512_storeu_ps(scale, s);
+    _mm512_storeu_ps(offset, _mm512_mul_ps(_mm512_set1_ps(-32.f), s));
+  } else {
+    alignas(8) uint8_t sc[8], mn[8];
+    k_scales(b + 4, sc, mn);
+    const auto widen = [](const uint8_t* p) {
+      return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+    };
+    _mm256_storeu_ps(scale, _mm256_mul_ps(_mm256_set1_ps(f16(b)), widen(sc)));
+    _mm256_storeu_ps(offset, _mm256_mul_ps(_mm256_set1_ps(-f16(b + 2)), widen(mn)));
+  }
+}
+
+// The 32 bf16 values fma(q, scale, offset) for the 16 q of q0 with (scale0, offset0), then the 16 of q1 with
+// (scale1, offset1), rounded as `dequant` rounds: a look-up table for vpermw.
+inline __m512i affine_table(__m512 q0, float scale0, float offset0, __m512 q1, float scale1, float offset1) {
+  const __m512 first = _mm512_fmadd_ps(q0, _mm512_set1_ps(scale0), _mm512_set1_ps(offset0));
+  const __m512 second = _mm512_fmadd_ps(q1, _mm512_set1_ps(scale1), _mm512_set1_ps(offset1));
+  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(second, first));
+}
+
+// Super-block b of a strip's rows r0 .. r1 - 1 (rows past `rows` zero) in bf16 into w, 8 sub-block slots of
+// [32 rows][32 k] (16 rows of a slot are one A tile as they lie): `dequant`'s values, fma(q, scale, offset)
+// rounded to nearest even. vcvtne2ps2bf16 rounds as native::store16 except for float32 subnormals, which no
+// K-quant weight is (nonzero ones are multiples of 2^-24). Q4_K and Q5_K have at most 32 values per sub-block:
+// they are computed once as a table and each weight is looked up by its q (vpermw).
+template <Format F>
+void dequant_super(const uint8_t* row0, int64_t row_bytes, int64_t rows, int64_t b, int64_t r0, int64_t r1,
+                   uint16_t* w) {
+  const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512 iota16 = _mm512_add_ps(iota, _mm512_set1_ps(16.f));
+  for (int64_t r = r0; r < r1; ++r) {
+    if (r >= rows) {
+      for (int j = 0; j < 8; ++j) _mm512_store_si512(w + j * kSubTile + r * 32, _mm512_setzero_si512());
+      continue;
+    }
+    const uint8_t* block = row0 + r * row_bytes + b * kBlockBytes[F];
+    float scale[16], offset[16];
+    block_affine<F>(block, scale, offset);
+    if constexpr (F == Q4_K) {  // 32 bytes: sub-block 2v in the low nibbles, 2v + 1 in the high ones
+      for (int v = 0; v < 4; ++v) {
+        const int j = 2 * v;
+        const __m512i table = affine_table(iota, scale[j], offset[j], iota, scale[j + 1], offset[j + 1]);
+        const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 16 + 32 * v));
+        const __m512i q = _mm512_cvtepu8_epi16(bytes);
+        const __m512i low = _mm512_and_si512(q, _mm512_set1_epi16(0x0f));
+        const __m512i high = _mm512_or_si512(_mm512_srli_epi16(q, 4), _mm512_set1_epi16(16));
+        _mm512_store_si512(w + j * kSubTile + r * 32, _mm512_permutexvar_epi16(low, table));
+        _mm512_store_si512(w + (j + 1) * kSubTile + r * 32, _mm512_permutexvar_epi16(high, table));
+      }
+    } else if constexpr (F == Q5_K) {  // q = 0..31: one table per sub-block
+      for (int v = 0; v < 4; ++v) {
+        const __m512i q = unpack<F>(block, v);
+        const __m256i halves[2] = {_mm512_castsi512_si256(q), _mm512_extracti64x4_epi64(q, 1)};
+        for (int h = 0; h < 2; ++h) {
+          const int j = 2 * v + h;
+          const __m512i table = affine_table(iota, scale[j], offset[j], iota16, scale[j], offset[j]);
+          _mm512_store_si512(w + j * kSubTile + r * 32,
+                             _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(halves[h]), table));
+        }
+      }
+    } else {  // Q6_K: 64 values per 16 weights, computed directly
+      alignas(64) uint8_t q[kBlock];
+      for (int v = 0; v < 4; ++v) _mm512_store_si512(q + 64 * v, unpack<F>(block, v));
+      for (int j = 0; j < 8; ++j) {  // sub-block j: groups 2j, 2j + 1
+        __m512 half[2];
+        for (int h = 0; h < 2; ++h) {
+          const int g = 2 * j + h;
+          const __m128i group = _mm_load_si128(reinterpret_cast<const __m128i*>(q + 16 * g));
+          const __m512 values = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(group));
+          half[h] = _mm512_fmadd_ps(values, _mm512_set1_ps(scale[g]), _mm512_set1_ps(offset[g]));
+        }
+        const __m512bh bf16 = _mm512_cvtne2ps_pbh(half[1], half[0]);
+        _mm512_store_si512(w + j * kSubTile + r * 32, reinterpret_cast<__m512i>(bf16));
+      }
+    }
+  }
+}
+
+// x (bf16 [m, k]) as AMX B tiles, [16-row tile][sub-block][16 pairs of k][16 rows], 32 bits each; rows past m zero.
+void pack_x(const uint16_t* x, int64_t m, int64_t k, uint32_t* xv) {
+  const int64_t subs = k / 32, m_tiles = (m + kTile - 1) / kTile;
+#pragma omp for schedule(static)
+  for (int64_t t = 0; t < m_tiles; ++t) {
+    for (int64_t s = 0; s < subs; ++s) {
+      __m512i r[16];
+      for (int64_t i = 0; i < kTile; ++i) {
+        const int64_t row = t * kTile + i;
+        r[i] = row < m ? _mm512_loadu_si512(x + row * k + s * 32) : _mm512_setzero_si512();
+      }
+      transpose16(r);
+      for (int64_t p = 0; p < kTile; ++p) _mm512_store_si512(xv + ((t * subs + s) * kTile + p) * kTile, r[p]);
+    }
+  }
+}
+
+// A strip's two C tiles for one x tile (c: [weight tile][16 weight rows][16 x rows], float) into out's rows of x:
+// transposed, rounded to bf16, only the rows < m and columns < n that exist.
+inline void store_tiles(const float* c, uint16_t* out, int64_t ldo, int64_t rows, int64_t cols) {
+  __m512i t0[16], t1[16];
+  for (int i = 0; i < 16; ++i) {
+    t0[i] = _mm512_load_si512(c + i * kTile);
+    t1[i] = _mm512_load_si512(c + (kTile + i) * kTile);
+  }
+  transpose16(t0);
+  transpose16(t1);
+  const __mmask32 valid = cols >= 2 * kTile ? ~__mmask32(0) : __mmask32((1u << cols) - 1);
+  for (int64_t i = 0; i < rows; ++i) {
+    const __m512bh row = _mm512_cvtne2ps_pbh(_mm512_castsi512_ps(t1[i]), _mm512_castsi512_ps(t0[i]));
+    _mm512_mask_storeu_epi16(out + i * ldo, valid, reinterpret_cast<__m512i>(row));
+  }
+}
+
+// Per strip of 32 weight rows, super-block by super-block: the super-block's A tiles (16 KiB, double-buffered) stay
+// in L1 while every x tile passes (two at a time, four accumulators, C kept in memory between super-blocks); the
+// first pass dequantizes the next super-block, four rows per sub-block step, while the tile unit multiplies.
+template <Format F>
+void gemm_amx(const uint16_t* x, const uint8_t* blocks, uint16_t* out, int64_t m, int64_t n, int64_t k) {
+  const int64_t nb = k / kBlock, subs = k / 32, row_bytes = nb * kBlockBytes[F];
+  const int64_t strips = (n + kStripRows - 1) / kStripRows, m_tiles = (m + kTile - 1) / kTile;
+  const int64_t tile_size = subs * kTile * kTile;  // 32-bit lanes of one x tile's B tiles
+  constexpr int64_t kC = kTile * kTile;            // floats of one C tile
+  uint32_t* xv = static_cast<uint32_t*>(std::aligned_alloc(64, m_tiles * tile_size * 4));
+#pragma omp parallel
+  {
+    pack_x(x, m, k, xv);  // ends in a barrier
+    configure_tiles();
+    uint16_t* a = static_cast<uint16_t*>(std::aligned_alloc(64, 2 * 8 * kSubTile * 2));  // two super-blocks
+    float* c = static_cast<float*>(std::aligned_alloc(64, (m_tiles + 1) * 2 * kC * 4));  // [x tile][weight tile]
+#pragma omp for schedule(static)
+    for (int64_t si = 0; si < strips; ++si) {
+      const int64_t n0 = si * kStripRows, rows = std::min(kStripRows, n - n0);
+      const uint8_t* row0 = blocks + n0 * row_bytes;
+      dequant_super<F>(row0, row_bytes, rows, 0, 0, kStripRows, a);
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint16_t* ab = a + (b & 1) * 8 * kSubTile;
+        uint16_t* next = a + ((b + 1) & 1) * 8 * kSubTile;
+        for (int64_t t = 0; t < m_tiles; t += 2) {
+          const bool pair = t + 1 < m_tiles;
+          float* ct = c + t * 2 * kC;
+          if (b == 0) {
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+          } else {
+            _tile_loadd(0, ct, 64);
+            _tile_loadd(1, ct + kC, 64);
+            if (pair) {
+              _tile_loadd(2, ct + 2 * kC, 64);
+              _tile_loadd(3, ct + 3 * kC, 64);
+            }
+          }
+          const uint32_t* b0 = xv + t * tile_size + 8 * b * kC;
+          for (int64_t j = 0; j < 8; ++j) {
+            if (t == 0 && b + 1 < nb) dequant_super<F>(row0, row_bytes, rows, b + 1, 4 * j, 4 * j + 4, next);
+            _tile_loadd(4, ab + j * kSubTile, 64);
+            _tile_loadd(5, ab + j * kSubTile + kTile * 32, 64);
+            _tile_loadd(6, b0 + j * kC, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 5, 6);
+            if (pair) {
+              _tile_loadd(7, b0 + tile_size + j * kC, 64);
+              _tile_dpbf16ps(2, 4, 7);
+              _tile_dpbf16ps(3, 5, 7);
+            }
+          }
+          _tile_stored(0, ct, 64);
+          _tile_stored(1, ct + kC, 64);
+          _tile_stored(2, ct + 2 * kC, 64);  // c has a spare x tile for an odd count
+          _tile_stored(3, ct + 3 * kC, 64);
+        }
+      }
+      for (int64_t t = 0; t < m_tiles; ++t) {
+        store_tiles(c + t * 2 * kC, out + t * kTile * n + n0, n, std::min(kTile, m - t * kTile), n - n0);
+      }
+    }
+    std::free(c);
+    std::free(a);
+    _tile_release();
+  }
+  std::free(xv);
+}
+
+bool has_amx() { return amx_permitted(); }
+#else
+bool has_amx() { return false; }
+template <Format F>
+void gemm_amx(const uint16_t*, const uint8_t*, uint16_t*, int64_t, int64_t, int64_t) {}
+#endif
+
 template <typename T>
 void gemv(const T* x, const uint8_t* blocks, T* out, int64_t m, int64_t n, int64_t k, int format, int portable) {
   switch (format) {
@@ -358,6 +575,17 @@ void gguf_kquants_gemv_f32(const float* x, const uint8_t* blocks, float* out, in
 void gguf_kquants_gemv_bf16(const uint16_t* x, const uint8_t* blocks, uint16_t* out, int64_t m, int64_t n, int64_t k,
                             int format, int portable) {
   gemv(x, blocks, out, m, n, k, format, portable);
+}
+int gguf_kquants_has_amx() { return has_amx(); }
+// bf16 x [m, k] -> out [m, n] on AMX tiles; only where gguf_kquants_has_amx() says so.
+void gguf_kquants_gemm_bf16(const uint16_t* x, const uint8_t* blocks, uint16_t* out, int64_t m, int64_t n, int64_t k,
+                            int format) {
+  if (!has_amx()) return;  // callers ask gguf_kquants_has_amx first
+  switch (format) {
+    case Q4_K: return gemm_amx<Q4_K>(x, blocks, out, m, n, k);
+    case Q5_K: return gemm_amx<Q5_K>(x, blocks, out, m, n, k);
+    default: return gemm_amx<Q6_K>(x, blocks, out, m, n, k);
+  }
 }
 void gguf_kquants_dequant_f32(const uint8_t* blocks, float* out, int64_t n, int64_t k, int format) {
   dequantize(blocks, out, n, k, format);
