@@ -133,7 +133,9 @@ def worker(quick: bool) -> None:
     from pagedserve.sampling_params import SamplingParams
 
     start = time.perf_counter()
-    core = EngineCore(create_engine_config(EngineArgs(dtype="bfloat16", max_num_seqs=256)))
+    # bf16 weights in both trees (the baseline predates quantized GGUF; a .gguf runs quantized by default since)
+    dequantize = {"dequantize_gguf": True} if hasattr(EngineArgs, "dequantize_gguf") else {}
+    core = EngineCore(create_engine_config(EngineArgs(dtype="bfloat16", max_num_seqs=256, **dequantize)))
     startup_s = time.perf_counter() - start
     _instrument(core)
     vocab = core.limits.vocab_size

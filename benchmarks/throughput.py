@@ -47,7 +47,7 @@ from pagedserve.model_executor.gguf_loader import (
     load_gguf_config,
     load_gguf_tokenizer,
 )
-from pagedserve.model_files import default_model_path
+from pagedserve.model_files import default_model_path, is_gguf_file
 
 HF_CACHE_DIR = os.path.expanduser("~/.cache/pagedserve/bench")
 
@@ -203,6 +203,7 @@ def make_llm(s: Settings, dtype: str, max_model_len: int | None = None, model: s
     return LLM(
         model=model, dtype=dtype, max_model_len=max_model_len or s.max_model_len, block_size=s.block_size,
         max_num_seqs=s.max_num_seqs, max_num_batched_tokens=s.max_num_batched_tokens, seed=s.seed,
+        dequantize_gguf=model is None or is_gguf_file(model),  # transformers' weights: the GGUF dequantized
     )
 
 
