@@ -94,7 +94,8 @@ def build_sessions(tokenizer, workload: Workload) -> tuple[str, list[list[Turn]]
     return system, sessions
 
 
-async def _run(base_url: str, workload: Workload, tokenizer_path: str | None, show_progress: bool) -> dict:
+async def _run(base_url: str, workload: Workload, tokenizer_path: str | None, show_progress: bool,
+               session_ids: bool = False) -> dict:
     base_url = base_url.rstrip("/")
     url = f"{base_url}/v1/chat/completions"
     timeout = httpx.Timeout(3600.0, connect=30.0)
@@ -103,26 +104,29 @@ async def _run(base_url: str, workload: Workload, tokenizer_path: str | None, sh
         model = await serve.served_model(client, base_url)
         system, sessions = build_sessions(serve.load_tokenizer(tokenizer_path), workload)
 
-        def payload(messages: list[dict], max_tokens: int) -> dict:
-            return {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0,
+        def payload(messages: list[dict], max_tokens: int, session: str) -> dict:
+            body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0,
                     "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            return {**body, "session_id": session} if session_ids else body
 
-        warmup = await serve.stream_request(client, url, payload([{"role": "user", "content": "Hi"}], 4), chat=True)
+        warmup = await serve.stream_request(client, url, payload([{"role": "user", "content": "Hi"}], 4, "warm-up"),
+                                            chat=True)
         if not warmup.success:
             raise RuntimeError(f"warm-up request to {url} failed: {warmup.error}")
         bar = tqdm(total=workload.sessions * workload.turns, desc="turns", disable=not show_progress,
                    file=sys.stderr)
 
-        async def session(turns: list[Turn]) -> list[serve.RequestResult]:
+        async def session(index: int, turns: list[Turn]) -> list[serve.RequestResult]:
             messages, results = [{"role": "system", "content": system}], []
             for i, turn in enumerate(turns):
                 message = {"role": turn.role, "content": turn.content}
                 if turn.role == "tool":
                     message["tool_call_id"] = f"call_{i}"
                 messages.append(message)
-                result = await serve.stream_request(client, url, payload(list(messages), turn.max_tokens), chat=True)
+                result = await serve.stream_request(client, url, payload(list(messages), turn.max_tokens,
+                                                                         f"session-{index}"), chat=True)
                 if not result.success:
-                    raise RuntimeError(f"turn {i + 1} failed: {result.error}")
+                    raise RuntimeError(f"session {index} turn {i + 1} failed: {result.error}")
                 messages.append({"role": "assistant", "content": result.text})
                 results.append(result)
                 bar.update(1)
@@ -130,7 +134,7 @@ async def _run(base_url: str, workload: Workload, tokenizer_path: str | None, sh
 
         before = await serve.fetch_metrics(client, base_url)
         start = time.perf_counter()
-        per_session = await asyncio.gather(*(session(turns) for turns in sessions))
+        per_session = await asyncio.gather(*(session(i, turns) for i, turns in enumerate(sessions)))
         seconds = time.perf_counter() - start
         after = await serve.fetch_metrics(client, base_url)
         bar.close()
@@ -162,15 +166,16 @@ async def _run(base_url: str, workload: Workload, tokenizer_path: str | None, sh
 
 
 def run_workload(base_url: str, workload: Workload, tokenizer_path: str | None = None,
-                 show_progress: bool = True, max_quiet_wait_s: float = 300.0) -> dict:
+                 show_progress: bool = True, max_quiet_wait_s: float = 300.0, session_ids: bool = False) -> dict:
     """Run the whole workload against the server at `base_url`; the measurements as a JSON-ready dict. It
     first waits (bounded) for the rest of the machine to be quiet, and records what it used meanwhile.
 
-    `tokenizer_path` (HF directory or .gguf) sizes the messages; None: the default SmolLM2 model's.
+    `tokenizer_path` (HF directory or .gguf) sizes the messages; None: the default SmolLM2 model's. With
+    `session_ids`, each request carries its session's `session_id` (`session-{index}`).
     """
     wait_for_quiet(max_quiet_wait_s)
     meter = OtherLoadMeter().start()
-    result = asyncio.run(_run(base_url, workload, tokenizer_path, show_progress))
+    result = asyncio.run(_run(base_url, workload, tokenizer_path, show_progress, session_ids))
     result["machine"] = meter.stop().label()
     hit_rate = "-" if result["hit_rate"] is None else f"{100 * result['hit_rate']:.1f}%"
     log(f"  {result['total_s']:.1f} s, {result['output_throughput']:,.1f} out tok/s, hit rate {hit_rate}")

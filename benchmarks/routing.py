@@ -21,20 +21,17 @@ Writes the `routing` section of the output file.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 import time
-from dataclasses import asdict
 
 import httpx
-from common import QUICK_WARNING, OtherLoadMeter, log, machine_description, markdown_table, wait_for_quiet
-from multi_turn import METRIC_HITS, METRIC_QUERIES, Turn, Workload, build_sessions, workload_text
+from common import QUICK_WARNING, log, machine_description, markdown_table
+from multi_turn import Workload, run_workload, workload_text
 from prometheus_client.parser import text_string_to_metric_families
 from report import replace_section
 from serving import PAGEDSERVE_FLAGS, REPO, ServerProcess, free_port, pagedserve_command
 
-from pagedserve.benchmarks import serve
 from pagedserve.entrypoints.ray_serve.router import ReplicaRequest, RoutingPolicy
 from pagedserve.sampling_params import SamplingParams
 
@@ -49,58 +46,6 @@ def engine_blocks(workload: Workload) -> int:
     per_turn = workload.message_tokens[1] + workload.output_tokens[1] + 2 * TEMPLATE_TOKENS_PER_MESSAGE
     per_session = workload.system_tokens + TEMPLATE_TOKENS_PER_MESSAGE + workload.turns * per_turn
     return workload.sessions * -(-per_session // BLOCK_SIZE)
-
-
-async def _run(base_url: str, workload: Workload) -> dict:
-    url = f"{base_url}/v1/chat/completions"
-    timeout = httpx.Timeout(3600.0, connect=30.0)
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
-        model = await serve.served_model(client, base_url)
-        system, sessions = build_sessions(serve.load_tokenizer(None), workload)
-
-        def payload(messages: list[dict], max_tokens: int, session: str) -> dict:
-            return {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0,
-                    "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
-                    "session_id": session}
-
-        warmup = await serve.stream_request(client, url, payload([{"role": "user", "content": "Hi"}], 4, "warm-up"),
-                                            chat=True)
-        if not warmup.success:
-            raise RuntimeError(f"warm-up request to {url} failed: {warmup.error}")
-
-        async def session(index: int, turns: list[Turn]) -> list[serve.RequestResult]:
-            messages, results = [{"role": "system", "content": system}], []
-            for i, turn in enumerate(turns):
-                message = {"role": turn.role, "content": turn.content}
-                if turn.role == "tool":
-                    message["tool_call_id"] = f"call_{i}"
-                messages.append(message)
-                result = await serve.stream_request(client, url, payload(list(messages), turn.max_tokens,
-                                                                         f"session-{index}"), chat=True)
-                if not result.success:
-                    raise RuntimeError(f"session {index} turn {i + 1} failed: {result.error}")
-                messages.append({"role": "assistant", "content": result.text})
-                results.append(result)
-            return results
-
-        before = await serve.fetch_metrics(client, base_url)
-        start = time.perf_counter()
-        per_session = await asyncio.gather(*(session(i, turns) for i, turns in enumerate(sessions)))
-        seconds = time.perf_counter() - start
-        response = await client.get(f"{base_url}/metrics")
-        after = serve.parse_metrics(response.text)
-
-    queries = after.get(METRIC_QUERIES, 0.0) - before.get(METRIC_QUERIES, 0.0)
-    hits = after.get(METRIC_HITS, 0.0) - before.get(METRIC_HITS, 0.0)
-    prompt_tokens = sum(r.prompt_tokens or 0 for results in per_session for r in results)
-    return {
-        "model": model, "workload": asdict(workload), "total_s": seconds,
-        "requests": workload.sessions * workload.turns, "prompt_tokens": prompt_tokens,
-        "output_tokens": sum(r.output_tokens for results in per_session for r in results),
-        "hit_rate": hits / queries if queries else None, "computed_prompt_tokens": prompt_tokens - hits,
-        "busiest_replica_share": busiest_share(response.text),
-    }
 
 
 def busiest_share(metrics_text: str) -> float | None:
@@ -119,12 +64,9 @@ def run_one(label: str, flags: list[str], workload: Workload, quick: bool) -> di
     port = free_port()
     with ServerProcess(f"pagedserve-{label}", pagedserve_command(port, *flags), port) as server:
         log(f"routing: {label}")
-        wait_for_quiet(30.0 if quick else 300.0)
-        meter = OtherLoadMeter().start()
-        result = asyncio.run(_run(server.base_url, workload))
-        result["machine"] = meter.stop().label()
-    hit = "-" if result["hit_rate"] is None else f"{100 * result['hit_rate']:.1f}%"
-    log(f"  {result['total_s']:.1f} s, hit rate {hit}")
+        result = run_workload(server.base_url, workload, show_progress=False,
+                              max_quiet_wait_s=30.0 if quick else 300.0, session_ids=True)
+        result["busiest_replica_share"] = busiest_share(httpx.get(f"{server.base_url}/metrics").text)
     return result
 
 
