@@ -131,33 +131,19 @@ def perplexity_worker(quick: bool) -> None:
 
     from pagedserve.config import create_engine_config
     from pagedserve.engine_args import EngineArgs
-    from pagedserve.model_executor.attention.torch_paged import AttentionMetadata
     from pagedserve.model_executor.gguf_loader import load_gguf_tokenizer
     from pagedserve.model_executor.loader import load_model
+    from pagedserve.model_executor.scoring import teacher_forced_logits
     from pagedserve.model_files import default_model_path
 
     ids = load_gguf_tokenizer(default_model_path())(open(TEXT).read()).input_ids
     ids = ids[:128] if quick else ids
-    block_size, num_blocks = 16, -(-len(ids) // 16)
-    table = [list(range(num_blocks))]
     results = {}
     for engine in (QUANTIZED, BF16):
         config = create_engine_config(EngineArgs(dtype="bfloat16", max_model_len=2048, **PAGEDSERVE_KWARGS[engine]))
         model = load_model(config)
         for mode in ("prefill", "decode"):
-            for attn in model.attention_layers():
-                attn.kv_cache = torch.zeros(2, attn.num_kv_heads, num_blocks, block_size, attn.head_dim,
-                                            dtype=config.dtype)
-            with torch.inference_mode():
-                if mode == "prefill":
-                    meta = AttentionMetadata.build([len(ids)], [len(ids)], [len(ids)], table, block_size, config.device)
-                    logits = model.compute_logits(model(torch.tensor(ids), meta.positions, meta))
-                else:
-                    rows = []
-                    for i, token in enumerate(ids):
-                        meta = AttentionMetadata.build([1], [i + 1], [len(ids)], table, block_size, config.device)
-                        rows.append(model.compute_logits(model(torch.tensor([token]), meta.positions, meta)))
-                    logits = torch.cat(rows)
+            logits = teacher_forced_logits(model, ids, mode == "decode", config.dtype, config.device)
             logprobs = torch.log_softmax(logits[:-1].float(), dim=-1)
             nll = -logprobs.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).mean().item()
             results[f"{engine}, {mode}"] = math.exp(nll)

@@ -138,25 +138,12 @@ def _argmax_per_position(quantization: str | None, ids: list[int], decode: bool)
     token (the small-M kernel)."""
     from pagedserve.config import create_engine_config
     from pagedserve.engine_args import EngineArgs
-    from pagedserve.model_executor.attention.torch_paged import AttentionMetadata
     from pagedserve.model_executor.loader import load_model
+    from pagedserve.model_executor.scoring import teacher_forced_logits
 
     config = create_engine_config(EngineArgs(quantization=quantization, dequantize_gguf=quantization is None,
                                              max_model_len=512))
-    model = load_model(config)
-    block_size, num_blocks = 16, -(-len(ids) // 16)
-    for attn in model.attention_layers():
-        attn.kv_cache = torch.zeros(2, attn.num_kv_heads, num_blocks, block_size, attn.head_dim, dtype=config.dtype)
-    table = [list(range(num_blocks))]
-    with torch.inference_mode():
-        if not decode:
-            meta = AttentionMetadata.build([len(ids)], [len(ids)], [len(ids)], table, block_size, config.device)
-            return model.compute_logits(model(torch.tensor(ids), meta.positions, meta)).argmax(-1).tolist()
-        tokens = []
-        for i, token in enumerate(ids):
-            meta = AttentionMetadata.build([1], [i + 1], [len(ids)], table, block_size, config.device)
-            tokens.append(int(model.compute_logits(model(torch.tensor([token]), meta.positions, meta)).argmax()))
-        return tokens
+    return teacher_forced_logits(load_model(config), ids, decode, config.dtype, config.device).argmax(-1).tolist()
 
 
 def test_default_model_quantized_agrees_with_dequantized() -> None:

@@ -223,27 +223,15 @@ def _logits_per_position(path: str, quantization: str | None, ids: list[int], de
     decode step per token (the M = 1 kernel)."""
     from pagedserve.config import create_engine_config
     from pagedserve.engine_args import EngineArgs
-    from pagedserve.model_executor.attention.torch_paged import AttentionMetadata
     from pagedserve.model_executor.loader import load_model
+    from pagedserve.model_executor.scoring import teacher_forced_logits
 
     config = create_engine_config(EngineArgs(model=path, quantization=quantization, dtype="float32",
                                              dequantize_gguf=quantization is None, max_model_len=256))
     model = load_model(config)
     assert len(_gguf_layers(model)) == (8 if quantization == "gguf" else 0)  # per layer: qkv, o, gate/up, down
     assert any(isinstance(m, GGUFParts) for m in model.modules()) == (mixed and quantization == "gguf")
-    block_size, num_blocks = 16, -(-len(ids) // 16)
-    for attn in model.attention_layers():
-        attn.kv_cache = torch.zeros(2, attn.num_kv_heads, num_blocks, block_size, attn.head_dim, dtype=config.dtype)
-    table = [list(range(num_blocks))]
-    with torch.inference_mode():
-        if not decode:
-            meta = AttentionMetadata.build([len(ids)], [len(ids)], [len(ids)], table, block_size, config.device)
-            return model.compute_logits(model(torch.tensor(ids), meta.positions, meta))
-        steps = []
-        for i, token in enumerate(ids):
-            meta = AttentionMetadata.build([1], [i + 1], [len(ids)], table, block_size, config.device)
-            steps.append(model.compute_logits(model(torch.tensor([token]), meta.positions, meta)))
-        return torch.cat(steps)
+    return teacher_forced_logits(model, ids, decode, config.dtype, config.device)
 
 
 @pytest.mark.parametrize("v_type", [T.Q4_K, T.Q6_K], ids=["uniform", "mixed-qkv"])
