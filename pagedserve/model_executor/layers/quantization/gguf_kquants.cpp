@@ -25,10 +25,10 @@
 // are one 64-byte-row tile as they lie), with `dequant`'s values (the same unpack, fma and rounding; Q4_K / Q5_K
 // by table look-ups, at most 32 values per sub-block). The super-block's tiles (16 KiB) stay in L1 while every x
 // tile passes over them, the C tiles kept in memory between super-blocks; the first pass dequantizes super-block
-// b + 1 while the tile unit multiplies b. x is packed once into AMX's pair layout (transpose16), and each C tile
-// is transposed back (transpose16) and rounded to bf16. Dequantizing is the cost bf16 weights do not pay: it sets
-// the row range where this kernel runs (gguf_kquants.py: MIN_AMX_ROWS, MAX_AMX_ROWS). The tile code is written here
-// again, compactly, rather than shared with gguf_q4_q8.cpp's (which this change could not edit).
+// b + 1 while the tile unit multiplies b. x is packed once into AMX's pair layout and the C tiles are transposed
+// back and rounded to bf16 (pack_x, store_tiles: native_amx.h, shared with gguf_q4_q8.cpp). Dequantizing is the
+// cost bf16 weights do not pay: it sets the row range where this kernel runs (gguf_kquants.py: MIN_AMX_ROWS,
+// MAX_AMX_ROWS).
 // dequant: W to bf16 / float32 rows, for the batches the AMX kernel does not take (a matmul on the dequantized
 // weight).
 // Plain C ABI (called through ctypes), built on first use (see native.py).
@@ -429,39 +429,6 @@ void dequant_super(const uint8_t* row0, int64_t row_bytes, int64_t rows, int64_t
   }
 }
 
-// x (bf16 [m, k]) as AMX B tiles, [16-row tile][sub-block][16 pairs of k][16 rows], 32 bits each; rows past m zero.
-void pack_x(const uint16_t* x, int64_t m, int64_t k, uint32_t* xv) {
-  const int64_t subs = k / 32, m_tiles = (m + kTile - 1) / kTile;
-#pragma omp for schedule(static)
-  for (int64_t t = 0; t < m_tiles; ++t) {
-    for (int64_t s = 0; s < subs; ++s) {
-      __m512i r[16];
-      for (int64_t i = 0; i < kTile; ++i) {
-        const int64_t row = t * kTile + i;
-        r[i] = row < m ? _mm512_loadu_si512(x + row * k + s * 32) : _mm512_setzero_si512();
-      }
-      transpose16(r);
-      for (int64_t p = 0; p < kTile; ++p) _mm512_store_si512(xv + ((t * subs + s) * kTile + p) * kTile, r[p]);
-    }
-  }
-}
-
-// A strip's two C tiles for one x tile (c: [weight tile][16 weight rows][16 x rows], float) into out's rows of x:
-// transposed, rounded to bf16, only the rows < m and columns < n that exist.
-inline void store_tiles(const float* c, uint16_t* out, int64_t ldo, int64_t rows, int64_t cols) {
-  __m512i t0[16], t1[16];
-  for (int i = 0; i < 16; ++i) {
-    t0[i] = _mm512_load_si512(c + i * kTile);
-    t1[i] = _mm512_load_si512(c + (kTile + i) * kTile);
-  }
-  transpose16(t0);
-  transpose16(t1);
-  const __mmask32 valid = cols >= 2 * kTile ? ~__mmask32(0) : __mmask32((1u << cols) - 1);
-  for (int64_t i = 0; i < rows; ++i) {
-    const __m512bh row = _mm512_cvtne2ps_pbh(_mm512_castsi512_ps(t1[i]), _mm512_castsi512_ps(t0[i]));
-    _mm512_mask_storeu_epi16(out + i * ldo, valid, reinterpret_cast<__m512i>(row));
-  }
-}
 
 // Per strip of 32 weight rows, super-block by super-block: the super-block's A tiles (16 KiB, double-buffered) stay
 // in L1 while every x tile passes (two at a time, four accumulators, C kept in memory between super-blocks); the
