@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/agent_sessions.py --output BENCHMARKS.md   # vLLM too: installs it under .peers/ once
 	$(PY) benchmarks/step_profile.py --output BENCHMARKS.md
 	$(PY) benchmarks/routing.py --output BENCHMARKS.md       # two replicas on Ray Serve, one router at a time
+	$(PY) benchmarks/tensor_parallel.py --output BENCHMARKS.md   # one rank against two
 
 # vLLM (CPU build) and llama.cpp in their own venvs under .peers/ (installed once), then served sweeps (vLLM's
 # client and ours) and the agent workload against each, one server at a time; then offline, through one script.

@@ -38,6 +38,8 @@ class EngineConfig:
     # "gguf": linear weights stay in their GGUF blocks; "int8" / "int4": quantized at load; "gptq" / "awq": the
     # checkpoint's 4-bit weights (see loader.py and layers/quantization/)
     quantization: str | None = None
+    tensor_parallel_size: int = 1
+    distributed_executor_backend: str = "mp"  # "mp" or "ray": how ranks > 0 run (distributed/executor.py)
 
 
 def cpu_supports_bf16() -> bool:
@@ -98,7 +100,9 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         raise ValueError(f"max_num_batched_tokens must be positive, got {max_num_batched_tokens}")
     if args.scheduling_policy not in SCHEDULING_POLICIES:
         raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {args.scheduling_policy!r}")
-    quantization = resolve_quantization(args.quantization, hf_config, gguf_path, device, args.dequantize_gguf)
+    tp, executor_backend = resolve_tensor_parallel(args.tensor_parallel_size, args.distributed_executor_backend,
+                                                   device, hf_config)
+    quantization = resolve_quantization(args.quantization, hf_config, gguf_path, device, args.dequantize_gguf, tp)
     num_kv_blocks = args.num_kv_blocks or args.num_gpu_blocks_override
     if num_kv_blocks is not None and num_kv_blocks <= 0:
         raise ValueError(f"num_kv_blocks must be positive, got {num_kv_blocks}")
@@ -122,19 +126,54 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         scheduling_policy=args.scheduling_policy,
         async_scheduling=args.async_scheduling,
         quantization=quantization,
+        tensor_parallel_size=tp,
+        distributed_executor_backend=executor_backend,
     )
+
+
+EXECUTOR_BACKENDS = ("mp", "ray")  # vLLM's distributed_executor_backend values that run here
+
+
+def resolve_tensor_parallel(size: int, backend: str | None, device: torch.device,
+                            hf_config: PretrainedConfig) -> tuple[int, str]:
+    """(ranks, how ranks > 0 run). Heads and experts must split evenly across the ranks (every other size is
+    checked as the layers are built)."""
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"tensor_parallel_size must be a positive integer, got {size!r}")
+    for name in ("num_attention_heads", "num_key_value_heads", "num_local_experts", "num_experts"):
+        value = getattr(hf_config, name, None)
+        if value and value % size:
+            raise ValueError(f"{name}={value} is not divisible by tensor_parallel_size={size}")
+    if backend not in (None, *EXECUTOR_BACKENDS):
+        raise ValueError(f"distributed_executor_backend must be one of {EXECUTOR_BACKENDS}, got {backend!r}")
+    if device.type == "cuda" and size > torch.cuda.device_count():
+        raise ValueError(f"tensor_parallel_size={size} needs {size} GPUs; {torch.cuda.device_count()} are visible")
+    if device.type == "cuda" and device.index not in (None, 0) and size > 1:
+        raise ValueError("with tensor_parallel_size > 1, rank r runs on cuda:r: give device 'cuda'")
+    return size, backend or "mp"
 
 
 QUANTIZATION_METHODS = (None, "gguf", "int8", "int4", "gptq", "awq")  # vLLM's names
 
 
 def resolve_quantization(requested: str | None, hf_config: PretrainedConfig, gguf_path: str | None,
-                         device: torch.device, dequantize_gguf: bool = False) -> str | None:
+                         device: torch.device, dequantize_gguf: bool = False,
+                         tensor_parallel_size: int = 1) -> str | None:
     """The quantization the weights run with: what the user asked for, or, as vLLM, the checkpoint's own
     (`quantization_config` in config.json) when they asked for none; a ValueError for what does not fit.
 
     A .gguf file runs on its blocks by default on the CPU, where the native kernels are; on a GPU the blocks would
-    be dequantized on every call (the torch path), so there it is dequantized once at load unless asked for."""
+    be dequantized on every call (the torch path), so there it is dequantized once at load unless asked for. Split
+    across ranks, a .gguf file is dequantized too, and 4-bit checkpoints are refused: their blocks and groups run
+    along the input features, which row-parallel layers cut."""
+    if tensor_parallel_size > 1:
+        if requested == "gguf" or requested in checkpoint_quantization.METHODS or (
+                requested is None and checkpoint_quantization.checkpoint_method(hf_config) is not None):
+            method = requested or checkpoint_quantization.checkpoint_method(hf_config)
+            raise ValueError(f"quantization {method!r} does not run with tensor_parallel_size > 1 (int8 and int4 "
+                             f"quantized at load do)")
+        if gguf_path:
+            return None
     if requested not in QUANTIZATION_METHODS:
         raise ValueError(f"quantization must be one of {QUANTIZATION_METHODS}, got {requested!r}")
     if dequantize_gguf and (not gguf_path or requested is not None):

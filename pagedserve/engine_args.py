@@ -31,6 +31,8 @@ class EngineArgs:
     structured_outputs_config: dict | None = None  # {"backend": "xgrammar" | "guidance" | "auto"}, as vLLM
     scheduling_policy: str = "fcfs"  # "fcfs", "priority" (vLLM's) or "session" (program-level, agent sessions)
     async_scheduling: bool = False  # schedule step N+1 while step N's forward runs (vLLM's --async-scheduling)
+    tensor_parallel_size: int = 1  # ranks the model is split across
+    distributed_executor_backend: str | None = None  # the ranks > 0 as "mp" processes (default) or "ray" actors
 
     @classmethod
     def field_names(cls) -> set[str]:

@@ -109,9 +109,10 @@ def make_tokenizer(path: str) -> PreTrainedTokenizerFast:
     return fast
 
 
-def make_checkpoint(path: str, arch: str, seed: int = 0, max_shard_size: str | None = None) -> str:
+def make_checkpoint(path: str, arch: str, seed: int = 0, max_shard_size: str | None = None, **overrides) -> str:
+    """`overrides`: config fields to change from the architecture's tiny defaults."""
     config_cls, model_cls, extra = ARCHITECTURES[arch]
-    config = config_cls(**{**_COMMON, **extra})
+    config = config_cls(**{**_COMMON, **extra, **overrides})
     torch.manual_seed(seed)
     model = model_cls(config)
     with torch.no_grad():

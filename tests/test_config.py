@@ -99,3 +99,32 @@ def test_dequantize_gguf_needs_a_gguf_model_and_no_method(llama_dir):
         create_engine_config(EngineArgs(None, quantization="gguf", dequantize_gguf=True))
     with pytest.raises(ValueError, match="dequantize_gguf"):
         create_engine_config(EngineArgs(llama_dir, dequantize_gguf=True))
+
+
+def test_tensor_parallel_settings(tmp_path, llama_dir):
+    config = create_engine_config(EngineArgs(llama_dir, tensor_parallel_size=2))
+    assert (config.tensor_parallel_size, config.distributed_executor_backend) == (2, "mp")
+    assert create_engine_config(EngineArgs(llama_dir, tensor_parallel_size=2,
+                                           distributed_executor_backend="ray")).distributed_executor_backend == "ray"
+    for size in (0, -1):
+        with pytest.raises(ValueError, match="tensor_parallel_size must be a positive integer"):
+            create_engine_config(EngineArgs(llama_dir, tensor_parallel_size=size))
+    with pytest.raises(ValueError, match="distributed_executor_backend must be one of"):
+        create_engine_config(EngineArgs(llama_dir, tensor_parallel_size=2, distributed_executor_backend="uni"))
+    with pytest.raises(ValueError, match="num_key_value_heads=2 is not divisible by tensor_parallel_size=4"):
+        create_engine_config(EngineArgs(llama_dir, tensor_parallel_size=4))
+
+
+def test_tensor_parallel_dequantizes_gguf_and_refuses_4_bit_checkpoints(tmp_path, llama_dir):
+    """GGUF blocks and GPTQ / AWQ groups run along the input features, which row-parallel layers cut."""
+    assert create_engine_config(EngineArgs(None, tensor_parallel_size=3)).quantization is None  # 9 heads, 3 kv
+    with pytest.raises(ValueError, match="'gguf' does not run with tensor_parallel_size > 1"):
+        create_engine_config(EngineArgs(None, quantization="gguf", tensor_parallel_size=3))
+    assert create_engine_config(EngineArgs(llama_dir, quantization="int8", tensor_parallel_size=2)).quantization \
+        == "int8"
+    with open(os.path.join(llama_dir, "config.json")) as f:
+        config = json.load(f)
+    gptq = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+    (tmp_path / "config.json").write_text(json.dumps({**config, "quantization_config": gptq}))
+    with pytest.raises(ValueError, match="'gptq' does not run with tensor_parallel_size > 1"):
+        create_engine_config(EngineArgs(str(tmp_path), tensor_parallel_size=2))

@@ -45,6 +45,7 @@ def run_engine_loop(
         results: list[UtilityResult] = []
         for message in messages:
             if isinstance(message, Shutdown):
+                core.shutdown()
                 return
             if isinstance(message, AddRequest):
                 try:

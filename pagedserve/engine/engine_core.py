@@ -30,12 +30,13 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from pagedserve.config import EngineConfig
+from pagedserve.distributed.executor import WorkerFailed, make_model_runner
 from pagedserve.engine.kv_cache_manager import KVCacheManager
 from pagedserve.engine.protocol import EngineCoreOutput, EngineStats, ModelLimits, validate_request, validate_session
 from pagedserve.engine.request import Request, RequestStatus
 from pagedserve.engine.scheduler import Scheduler, SchedulerOutput, make_policy
 from pagedserve.engine.structured_output.manager import StructuredOutputManager
-from pagedserve.model_executor.model_runner import ModelRunner, ModelRunnerOutput
+from pagedserve.model_executor.model_runner import ModelRunnerOutput
 from pagedserve.sampling_params import SamplingParams
 
 logger = logging.getLogger("pagedserve")
@@ -58,7 +59,7 @@ class LaunchedStep:
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.model_runner = ModelRunner(config)
+        self.model_runner = make_model_runner(config)  # a TensorParallelRunner when split across ranks
         num_blocks = self.model_runner.num_kv_blocks
         self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.sessions = self.kv_cache_manager.sessions
@@ -221,6 +222,8 @@ class EngineCore:
         requests whose data caused the fault fail (req id -> message), all the others run as usual."""
         try:
             return self.model_runner.execute(sched, req_ids), {}
+        except WorkerFailed:  # the ranks are out of step: no retry can help
+            raise
         except Exception as e:
             if len(req_ids) == 1:
                 logger.exception("model step failed for request %s; failing it", req_ids[0])
@@ -323,6 +326,12 @@ class EngineCore:
 
     def reset_prefix_cache(self) -> bool:
         return self.kv_cache_manager.reset_prefix_cache()
+
+    def shutdown(self) -> None:
+        """Release what outlives the object: tensor-parallel workers, the step thread."""
+        self.model_runner.close()
+        if self.worker is not None:
+            self.worker.shutdown(wait=False)
 
     def close_session(self, session_id: str) -> bool:
         """Release what the session holds now (its lease becomes ordinary LRU cache); False if unknown."""

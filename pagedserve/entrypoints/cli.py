@@ -45,9 +45,15 @@ _HELP = {
                          "the least service so far first)",
     "async_scheduling": "schedule the next step while the model runs this one (off by default: on a CPU the "
                         "scheduler's Python competes with the forward for the cores)",
+    "tensor_parallel_size": "split the model across this many ranks (heads, MLP slices, experts, vocabulary); "
+                            "gloo on CPU, NCCL on GPUs (one per rank)",
+    "distributed_executor_backend": "how the ranks > 0 run: mp (processes, the default) or ray (Ray actors on "
+                                    "this node)",
     "generation_config": "default sampling settings of requests: 'auto' (the model's generation_config.json), "
                          "'vllm' (none), or a directory holding a generation_config.json",
 }
+
+_SHORT_FLAGS = {"tensor_parallel_size": ["-tp"]}  # vLLM's
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -55,16 +61,17 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(EngineArgs):
         if f.name == "model":
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-"), *_SHORT_FLAGS.get(f.name, [])]
         kind = f.type
         if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=_HELP.get(f.name))
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=_HELP.get(f.name))
         elif kind is dict:
-            parser.add_argument(flag, type=_json_object, default=f.default, help=_HELP.get(f.name))
+            parser.add_argument(*flags, type=_json_object, default=f.default, help=_HELP.get(f.name))
         else:
-            parser.add_argument(flag, type=kind, default=f.default, help=_HELP.get(f.name))
+            parser.add_argument(*flags, type=kind, default=f.default, help=_HELP.get(f.name))
 
 
 def _json_object(text: str) -> dict:

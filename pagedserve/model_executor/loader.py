@@ -14,14 +14,15 @@ from gguf import GGMLQuantizationType
 from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
-from transformers import PretrainedConfig
 
 from pagedserve.config import EngineConfig
+from pagedserve.distributed.parallel_state import tp_size
 from pagedserve.model_executor import checkpoint_quantization, gguf_loader
 from pagedserve.model_executor.checkpoint_quantization import CheckpointQuantization
 from pagedserve.model_executor.gguf_loader import QuantizedTensor
 from pagedserve.model_executor.layers.linear import can_pack, pack_linears
 from pagedserve.model_executor.layers.moe import FusedExperts
+from pagedserve.model_executor.layers.parallel import fused_layouts
 from pagedserve.model_executor.layers.quantization import gptq_awq
 from pagedserve.model_executor.layers.quantization.gguf import KERNEL_TYPES, GGUFEmbedding, GGUFLinear, GGUFParts
 from pagedserve.model_executor.layers.quantization.gptq_awq import Int4Rows
@@ -100,13 +101,18 @@ WeightItem = torch.Tensor | QuantizedTensor | Int4Rows
 Convert = Callable[[Iterator[tuple[str, torch.Tensor]]], Iterator[tuple[str, WeightItem]]]
 
 
-def load_weights(model: nn.Module, weights: Iterator[tuple[str, WeightItem]], convert: Convert | None = None) -> None:
+def load_weights(model: nn.Module, weights: Iterator[tuple[str, WeightItem]], convert: Convert | None = None,
+                 layouts: dict[str, list[int]] | None = None) -> None:
     """Copy checkpoint tensors into the model, routing q/k/v, gate/up and per-expert tensors into fused parameters
     (a QuantizedTensor's blocks into its GGUFLinear's rows, Int4Rows into an Int4Linear's buffers). `convert`
-    turns the (renamed) checkpoint tensors into those items (GPTQ / AWQ)."""
+    turns the (renamed) checkpoint tensors into those items (GPTQ / AWQ). Under tensor parallelism each layer cuts
+    this rank's piece out of a float tensor (`checkpoint_slice`), and experts of other ranks are skipped. `layouts`:
+    the fused projections' rows per part (`parallel.fused_layouts`), taken before any layer was swapped."""
     params = dict(model.named_parameters(remove_duplicate=False))
+    modules = dict(model.named_modules(remove_duplicate=False))
+    layouts = fused_layouts(model) if layouts is None else layouts
     gguf = _gguf_layers(model)
-    int4 = {name: m for name, m in model.named_modules() if isinstance(m, Int4Linear)}
+    int4 = {name: m for name, m in modules.items() if isinstance(m, Int4Linear)}
     loaded: set[str] = set()
     map_checkpoint = getattr(model, "map_checkpoint", None)
     if map_checkpoint is not None:  # a layout that differs beyond names (GPT-2's transposed Conv1D)
@@ -117,6 +123,8 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, WeightItem]], co
         if "rotary_emb.inv_freq" in checkpoint_name:
             continue
         name, expert, shard = checkpoint_target(model, checkpoint_name)
+        owner_name, _, param_name = name.rpartition(".")
+        owner = modules.get(owner_name)
         pairs: list[tuple[torch.Tensor, torch.Tensor]]
         row_range = shard
         if isinstance(item, QuantizedTensor):
@@ -136,6 +144,13 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, WeightItem]], co
                 continue
             raise ValueError(f"checkpoint tensor {checkpoint_name!r} has no place in {type(model).__name__}")
         else:
+            if expert is not None:  # experts are split by rank: another rank's expert is not loaded here
+                first, held = getattr(owner, "first_expert", 0), getattr(owner, "num_experts", 0)
+                if not first <= expert < first + held and expert < held * tp_size():
+                    continue
+                expert -= first
+            elif owner is not None and hasattr(owner, "checkpoint_slice"):
+                item = owner.checkpoint_slice(item, param_name, shard)
             pairs = [(params[name].data, item)]
         for dest, tensor in pairs:
             if expert is not None and not isinstance(item, Int4Rows):  # an Int4Linear is already one expert's
@@ -144,7 +159,7 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, WeightItem]], co
                                      f"{dest.shape[0]})")
                 dest = dest[expert]
             if row_range is not None:
-                sizes = _shard_sizes(model, name, dest.shape[0])
+                sizes = layouts.get(owner_name) or [dest.shape[0] // 2] * 2  # an expert's gate/up: halves
                 offset = sum(sizes[:row_range])
                 dest = dest[offset : offset + sizes[row_range]]
             if dest.shape != tensor.shape:
@@ -182,16 +197,6 @@ def _part_name(name: str, expert: int | None, shard: int | None) -> str:
     return name + ("" if expert is None else f"@{expert}") + ("" if shard is None else f"#{shard}")
 
 
-def _shard_sizes(model: nn.Module, fused_name: str, rows: int) -> list[int]:
-    """Row counts of the shards stacked in a fused parameter of `rows` rows: q, k, v or gate, up."""
-    config = cast(PretrainedConfig, model.config)
-    if ".qkv_proj." in fused_name:
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        return [config.num_attention_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
-    return [rows // 2, rows // 2]
-
-
 def _expected_parts(model: nn.Module, name: str, size: int) -> list[str]:
     """The pieces a checkpoint must provide for a parameter (of first dimension `size`) it does not provide whole."""
     experts: list[int | None] = [None]
@@ -221,6 +226,7 @@ def quantize_linears(model: nn.Module, gguf_path: str) -> set[str]:
     GGUFLinear, or, tied, one reading the embedding's blocks). Return the checkpoint names that stay quantized;
     everything else (norms, float tensors, types without a kernel) is dequantized as without quantization."""
     types = gguf_loader.tensor_types(gguf_path)
+    layouts = fused_layouts(model)
     parts: dict[str, list[str]] = {}
     for checkpoint_name in types:
         name, expert, _ = checkpoint_target(model, checkpoint_name)
@@ -246,7 +252,7 @@ def quantize_linears(model: nn.Module, gguf_path: str) -> set[str]:
             new = GGUFLinear(module, kinds[0])
         else:
             shards = [checkpoint_target(model, c)[2] for c in checkpoint_names]
-            sizes = _shard_sizes(model, name, module.out_features)
+            sizes = layouts[module_name]
             new = GGUFParts(module, [(sizes[s], t) for s, t in sorted(zip(cast(list[int], shards), kinds))])
         parent, _, child = module_name.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
@@ -314,16 +320,17 @@ def load_model(config: EngineConfig) -> CausalLM:
         torch.set_default_dtype(torch.float32)
     model = model.to_empty(device=config.device)
     cast(CausalLM, model).tie_weights()
+    layouts = fused_layouts(model)
     if config.gguf_path:
         keep = quantize_linears(model, config.gguf_path) if config.quantization == "gguf" else set()
-        load_weights(model, gguf_loader.iter_gguf_tensors(config.gguf_path, config.dtype, keep))
+        load_weights(model, gguf_loader.iter_gguf_tensors(config.gguf_path, config.dtype, keep), layouts=layouts)
     else:
         convert = None
         if config.quantization in checkpoint_quantization.METHODS:
             quant = checkpoint_quantization.parse_config(
                 checkpoint_quantization.quantization_config(config.hf_config) or {})
             convert = checkpoint_int4(model, quant, safetensors_names(config.model_path))
-        load_weights(model, iter_safetensors(config.model_path), convert)
+        load_weights(model, iter_safetensors(config.model_path), convert, layouts)
         if config.quantization in INT_METHODS:
             done, kept = quantize_model(model, config.quantization)
             logger.info("%s quantization at load: %d layers quantized; %d kept float (no int4 group size fits "

@@ -1,4 +1,7 @@
-"""Runs one scheduled step: packs the flat batch, runs the model, samples. Makes no scheduling decisions."""
+"""Runs one scheduled step: packs the flat batch, runs the model, samples. Makes no scheduling decisions.
+
+Under tensor parallelism every rank runs one (distributed/executor.py) on its shard: all apply the same diffs and
+run the same forward; rank 0 samples and the others take its ids."""
 
 import logging
 from dataclasses import dataclass, field
@@ -8,6 +11,7 @@ import numpy as np
 import torch
 
 from pagedserve.config import EngineConfig
+from pagedserve.distributed.parallel_state import broadcast_sampled, min_across_ranks, tp_rank, tp_size
 from pagedserve.engine.protocol import TokenLogprobs
 from pagedserve.engine.scheduler import SchedulerOutput
 from pagedserve.model_executor.attention import cpu_kernel
@@ -67,6 +71,9 @@ def available_memory_bytes() -> int:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
+        if config.tensor_parallel_size != tp_size():  # the model's layers are built for the group in place
+            raise ValueError(f"tensor_parallel_size={config.tensor_parallel_size} needs a group of that size; "
+                             f"this process is in one of {tp_size()} (one tensor-parallel engine per process)")
         self.config = config
         self.device = config.device
         torch.manual_seed(config.seed)
@@ -91,6 +98,9 @@ class ModelRunner:
         self.free_rows = list(range(config.max_num_seqs))[::-1]
         self.generators: dict[str, torch.Generator] = {}  # seeded requests' own generators
 
+    def close(self) -> None:
+        """Nothing to release here (a TensorParallelRunner, in its place, stops its workers)."""
+
     def kv_bytes_per_block(self) -> int:
         attn = self.model.attention_layers()[0]
         per_layer = 2 * self.block_size * attn.num_kv_heads * attn.head_dim * self.config.dtype.itemsize
@@ -111,7 +121,7 @@ class ModelRunner:
             raise ValueError(
                 f"kv_cache_memory_bytes={budget} holds no block of {self.kv_bytes_per_block()} bytes"
             )
-        return num_blocks
+        return min_across_ranks(num_blocks, self.device)  # every rank holds every block (its heads of it)
 
     def _allocate_kv_cache(self) -> list[torch.Tensor]:
         caches = []
@@ -198,9 +208,41 @@ class ModelRunner:
         if not sampling:
             return out
         last_rows = torch.from_numpy(np.cumsum(query_lens)[sampling] - 1).to(self.device)
-        logits = self.model.compute_logits(hidden[last_rows])
+        logits = self.model.compute_logits(hidden[last_rows])  # on rank 0 only, under tensor parallelism
         sampled_ids = [req_ids[i] for i in sampling]
         rows = [states[i] for i in sampling]
+        if tp_rank() > 0:
+            token_ids = self._receive_sampled(len(rows))
+        else:
+            token_ids = self._sample_and_share(logits, sched, sampled_ids, rows, out)
+        for req_id, state, token_id in zip(sampled_ids, rows, token_ids):
+            state.output_token_ids.append(token_id)
+            out.sampled_token_ids[req_id] = token_id
+        return out
+
+    def _sample_and_share(self, logits: torch.Tensor, sched: SchedulerOutput, sampled_ids: list[str],
+                          rows: list[CachedRequestState], out: ModelRunnerOutput) -> list[int]:
+        """Sample (rank 0); under tensor parallelism, send the ids to the other ranks, or -1s if sampling failed."""
+        try:
+            token_ids = self._sample(logits, sched, sampled_ids, rows, out)
+        except Exception:
+            if tp_size() > 1:
+                broadcast_sampled(torch.full((len(rows),), -1, dtype=torch.int64, device=self.device))
+            raise
+        if tp_size() > 1:
+            broadcast_sampled(torch.tensor(token_ids, dtype=torch.int64, device=self.device))
+        return token_ids
+
+    def _receive_sampled(self, num_rows: int) -> list[int]:
+        """A worker rank's share of the step's sampling: rank 0's ids."""
+        token_ids = broadcast_sampled(torch.empty(num_rows, dtype=torch.int64, device=self.device)).tolist()
+        if token_ids[0] < 0:
+            raise RuntimeError("rank 0 failed to sample this step")
+        return token_ids
+
+    def _sample(self, logits: torch.Tensor, sched: SchedulerOutput, sampled_ids: list[str],
+                rows: list[CachedRequestState], out: ModelRunnerOutput) -> list[int]:
+        """The sampled ids of `rows`, and their logprobs into `out`."""
         metadata = SamplingMetadata.from_rows(
             [s.sampling_params for s in rows],
             [s.prompt_token_ids for s in rows],
@@ -225,10 +267,7 @@ class ModelRunner:
                 for rank in range(1, k + 1):
                     entry.setdefault(ids[row][rank], (logprobs[row][rank], rank))
                 out.logprobs[req_id] = entry
-        for req_id, state, token_id in zip(sampled_ids, rows, token_ids):
-            state.output_token_ids.append(token_id)
-            out.sampled_token_ids[req_id] = token_id
-        return out
+        return token_ids
 
     def _add_grammar_bitmask(
         self, metadata: SamplingMetadata, grammar: "GrammarBitmask", sampled_ids: list[str]

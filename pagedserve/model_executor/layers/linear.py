@@ -8,9 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedserve.model_executor.layers.parallel import ColumnParallelLinear
 
-class GateUpLinear(nn.Linear):
+
+class GateUpLinear(ColumnParallelLinear):
     """A fused gate/up projection whose output is only ever used as silu(gate) * up (SwiGLU MLPs)."""
+
+    def __init__(self, in_features: int, intermediate_size: int, bias: bool = True) -> None:
+        super().__init__(in_features, [intermediate_size, intermediate_size], bias)
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self(x).split(self.out_features // 2, dim=-1)

@@ -5,11 +5,16 @@ runs its gate/up and down projections as one matmul over its group of tokens (an
 tokens is skipped), and one `index_add_` sums the weighted outputs back per token, in ascending
 expert order as transformers adds them. That routing is `GroupedExperts`; the float store (`FusedExperts`)
 and the quantized one (`quantization.int_linear.QuantizedExperts`) only supply one expert's MLP.
+
+Under tensor parallelism the experts are split by rank (experts [first_expert, first_expert + num_experts) live
+here): each rank runs the (token, slot) pairs routed to its own experts, and the block sums the ranks' outputs.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pagedserve.distributed.parallel_state import all_reduce, divide, tp_rank, tp_size
 
 
 def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,14 +31,19 @@ class GroupedExperts(nn.Module):
     `expert_forward` per expert that has tokens, weighted outputs summed back per token. Float and quantized
     experts differ only in `expert_forward`."""
 
-    num_experts: int
+    num_experts: int  # held by this rank
+    first_expert = 0  # the global id of this rank's first expert
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """This rank's experts' weighted outputs, summed per token (a partial sum under tensor parallelism)."""
         top_k = expert_ids.shape[1]
         flat_ids = expert_ids.flatten()
         order = flat_ids.argsort()
+        counts = torch.bincount(flat_ids, minlength=self.first_expert + self.num_experts).tolist()
+        first = sum(counts[: self.first_expert])  # the pairs of this rank's experts are a run of `order`
+        counts = counts[self.first_expert : self.first_expert + self.num_experts]
+        order = order[first : first + sum(counts)]
         token_ids = order // top_k
-        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
         routed = x[token_ids]  # the input of each (token, slot) pair, grouped by expert
         outputs = torch.empty_like(routed)
         start = 0
@@ -56,13 +66,19 @@ class FusedExperts(GroupedExperts):
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
-        self.num_experts = num_experts
+        self.num_experts = divide(num_experts, "num_experts")
+        self.first_expert = tp_rank() * self.num_experts
+        num_experts = self.num_experts
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
     def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, self.gate_up_proj[expert]).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, self.down_proj[expert])
+
+    def checkpoint_slice(self, tensor: torch.Tensor, param: str, part: int | None) -> torch.Tensor:
+        """This rank's experts of a checkpoint that stores them fused ([experts, ...], transformers 5)."""
+        return tensor.narrow(0, self.first_expert, self.num_experts) if tp_size() > 1 else tensor
 
 
 class SparseMoeBlock(nn.Module):
@@ -93,7 +109,7 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, expert_ids = select_experts(self.gate(x), self.top_k, self.renormalize)
-        out = self.experts(x, weights, expert_ids)
+        out = all_reduce(self.experts(x, weights, expert_ids))
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out

@@ -15,9 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
+from pagedserve.distributed.parallel_state import all_reduce, divide, gather_vocab
 from pagedserve.model_executor.attention.torch_paged import AttentionMetadata
 from pagedserve.model_executor.layers.attention import Attention, sliding_windows
 from pagedserve.model_executor.layers.layernorm import GemmaRMSNorm
+from pagedserve.model_executor.layers.parallel import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 from pagedserve.model_executor.layers.rotary import RotaryEmbedding, rope_parameters
 from pagedserve.model_executor.models.llama import LlamaAttention, LlamaForCausalLM, Rope
 
@@ -25,14 +32,15 @@ from pagedserve.model_executor.models.llama import LlamaAttention, LlamaForCausa
 class GemmaAttention(nn.Module):
     def __init__(self, config: PretrainedConfig, sliding_window: int | None) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.num_heads = divide(config.num_attention_heads, "num_attention_heads")  # this rank's heads
+        self.num_kv_heads = divide(config.num_key_value_heads, "num_key_value_heads")
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         bias = config.attention_bias
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=bias)
+        q_size, kv_size = config.num_attention_heads * self.head_dim, config.num_key_value_heads * self.head_dim
+        self.qkv_proj = ColumnParallelLinear(config.hidden_size, [q_size, kv_size, kv_size], bias=bias)
+        self.o_proj = RowParallelLinear(q_size, config.hidden_size, bias=bias)
         self.qk_norm = config.model_type == "gemma3_text"
         if self.qk_norm:
             self.q_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
@@ -47,13 +55,13 @@ class GemmaAttention(nn.Module):
 class GemmaMLP(nn.Module):
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__()
-        self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        size = config.intermediate_size
+        self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [size, size], bias=False)
+        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return all_reduce(self.down_proj(F.gelu(gate, approximate="tanh") * up))
 
 
 class GemmaDecoderLayer(nn.Module):
@@ -82,7 +90,7 @@ class GemmaModel(nn.Module):
             layer_type: RotaryEmbedding(config.head_dim, max_model_len, rope_parameters(config, layer_type))
             for layer_type in sorted(set(self.layer_types))
         })
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             GemmaDecoderLayer(config, window) for window in sliding_windows(config, max_model_len)
         )
@@ -111,7 +119,7 @@ class GemmaForCausalLM(nn.Module):
         self.config = config
         self.final_logit_softcapping = config.final_logit_softcapping
         self.model = GemmaModel(config, max_model_len)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -129,7 +137,7 @@ class GemmaForCausalLM(nn.Module):
         return self.model(input_ids, positions, meta)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden_states)
+        logits = gather_vocab(self.lm_head(hidden_states), self.config.vocab_size)
         if self.final_logit_softcapping is not None:  # in the model's dtype, as transformers
             cap = self.final_logit_softcapping
             logits = torch.tanh(logits / cap) * cap

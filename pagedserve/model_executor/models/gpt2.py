@@ -12,8 +12,15 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
+from pagedserve.distributed.parallel_state import all_reduce, divide, gather_vocab
 from pagedserve.model_executor.attention.torch_paged import AttentionMetadata
 from pagedserve.model_executor.layers.attention import Attention
+from pagedserve.model_executor.layers.parallel import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 
 _ACTIVATIONS = {  # transformers' activation_function -> the op
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -27,31 +34,31 @@ _CONV1D_WEIGHTS = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
 class GPT2Attention(nn.Module):
     def __init__(self, config: PretrainedConfig, layer_idx: int) -> None:
         super().__init__()
-        self.hidden_size = config.hidden_size
-        num_heads = config.num_attention_heads
-        head_dim = self.hidden_size // num_heads
+        hidden = config.hidden_size
+        head_dim = hidden // config.num_attention_heads
+        num_heads = divide(config.num_attention_heads, "num_attention_heads")  # this rank's heads
         scale = head_dim**-0.5 if config.scale_attn_weights else 1.0
         if config.scale_attn_by_inverse_layer_idx:
             scale /= layer_idx + 1
-        self.c_attn = nn.Linear(self.hidden_size, 3 * self.hidden_size)
-        self.c_proj = nn.Linear(self.hidden_size, self.hidden_size)
+        self.c_attn = ColumnParallelLinear(hidden, [hidden, hidden, hidden])
+        self.c_proj = RowParallelLinear(hidden, hidden)
         self.attn = Attention(num_heads, num_heads, head_dim, scale)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.c_attn(x).split(self.hidden_size, dim=-1)
-        return self.c_proj(self.attn(q, k, v, meta))
+        q, k, v = self.c_attn(x).chunk(3, dim=-1)
+        return all_reduce(self.c_proj(self.attn(q, k, v, meta)))
 
 
 class GPT2MLP(nn.Module):
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__()
         inner = config.n_inner or 4 * config.hidden_size
-        self.c_fc = nn.Linear(config.hidden_size, inner)
-        self.c_proj = nn.Linear(inner, config.hidden_size)
+        self.c_fc = ColumnParallelLinear(config.hidden_size, [inner])
+        self.c_proj = RowParallelLinear(inner, config.hidden_size)
         self.act = _ACTIVATIONS[config.activation_function]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.act(self.c_fc(x)))
+        return all_reduce(self.c_proj(self.act(self.c_fc(x))))
 
 
 class GPT2Block(nn.Module):
@@ -70,7 +77,7 @@ class GPT2Block(nn.Module):
 class GPT2Model(nn.Module):
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__()
-        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.wte = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.num_hidden_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
@@ -98,7 +105,7 @@ class GPT2LMHeadModel(nn.Module):
             )
         self.config = config
         self.transformer = GPT2Model(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -126,4 +133,4 @@ class GPT2LMHeadModel(nn.Module):
         return self.transformer(input_ids, positions, meta)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden_states).float()
+        return gather_vocab(self.lm_head(hidden_states), self.config.vocab_size).float()

@@ -4,7 +4,8 @@ already fused, LongRoPE, partial rotary). Layers may have a sliding window (Mist
 MoE models reuse it and choose each layer's feed-forward block by overriding `make_mlp`.
 
 q/k/v projections are fused into one `qkv_proj` and gate/up into `gate_up_proj` (one matmul each);
-`stacked_params` tells the loader where each checkpoint tensor goes.
+`stacked_params` tells the loader where each checkpoint tensor goes. Under tensor parallelism each rank holds its
+heads and its slice of the MLP (layers/parallel.py); the attention and MLP outputs are summed across ranks.
 """
 
 from collections.abc import Callable
@@ -14,11 +15,18 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from pagedserve.distributed.parallel_state import all_reduce, divide, gather_vocab
 from pagedserve.model_executor.attention.torch_paged import AttentionMetadata
 from pagedserve.model_executor.layers import cpu_ops
 from pagedserve.model_executor.layers.attention import Attention, sliding_windows
 from pagedserve.model_executor.layers.layernorm import RMSNorm
 from pagedserve.model_executor.layers.linear import GateUpLinear
+from pagedserve.model_executor.layers.parallel import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 from pagedserve.model_executor.layers.rotary import RotaryEmbedding, apply_rotary, rope_parameters
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin for this step's positions
@@ -29,17 +37,20 @@ class LlamaAttention(nn.Module):
     def __init__(self, config: PretrainedConfig, sliding_window: int | None) -> None:
         super().__init__()
         hidden = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(config, "head_dim", None) or hidden // self.num_heads
+        num_heads = config.num_attention_heads
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+        self.head_dim = getattr(config, "head_dim", None) or hidden // num_heads
+        self.num_heads = divide(num_heads, "num_attention_heads")  # this rank's heads
+        self.num_kv_heads = divide(num_kv_heads, "num_key_value_heads")
         model_type = config.model_type
         attention_bias = getattr(config, "attention_bias", False)
         qkv_bias = model_type == "qwen2" or getattr(config, "qkv_bias", False) or attention_bias
         o_bias = model_type != "qwen2" and attention_bias
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, hidden, bias=o_bias)
+        q_size, kv_size = num_heads * self.head_dim, num_kv_heads * self.head_dim
+        self.qkv_proj = ColumnParallelLinear(hidden, [q_size, kv_size, kv_size], bias=qkv_bias)
+        self.o_proj = RowParallelLinear(q_size, hidden, bias=o_bias)
         self.qk_norm = model_type in ("qwen3", "qwen3_moe")
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -54,7 +65,7 @@ class LlamaAttention(nn.Module):
             cpu_ops.rope_(qkv, cos, sin, 0, self.num_heads, self.head_dim)
             cpu_ops.rope_(qkv, cos, sin, self.q_size, self.num_kv_heads, self.head_dim)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            return self.o_proj(self.attn(q, k, v, meta))
+            return all_reduce(self.o_proj(self.attn(q, k, v, meta)))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
@@ -62,7 +73,7 @@ class LlamaAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = (t.to(x.dtype) for t in rope)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return self.o_proj(self.attn(q.flatten(1), k.flatten(1), v, meta))
+        return all_reduce(self.o_proj(self.attn(q.flatten(1), k.flatten(1), v, meta)))
 
 
 class LlamaMLP(nn.Module):
@@ -71,12 +82,12 @@ class LlamaMLP(nn.Module):
         if getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (supported: silu)")
         bias = getattr(config, "mlp_bias", False)
-        self.intermediate_size = intermediate_size or config.intermediate_size
-        self.gate_up_proj = GateUpLinear(config.hidden_size, 2 * self.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(self.intermediate_size, config.hidden_size, bias=bias)
+        intermediate_size = intermediate_size or config.intermediate_size
+        self.gate_up_proj = GateUpLinear(config.hidden_size, intermediate_size, bias=bias)
+        self.down_proj = RowParallelLinear(intermediate_size, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.gate_up_proj.silu_and_mul(x))
+        return all_reduce(self.down_proj(self.gate_up_proj.silu_and_mul(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -109,7 +120,7 @@ class LlamaModel(nn.Module):
         if params.get("partial_rotary_factor", 1.0) != 1.0 and config.model_type != "phi3":
             raise ValueError("partial_rotary_factor != 1 is not supported")
         self.rotary = RotaryEmbedding(head_dim, max_model_len, params)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, make_mlp(config, i), window)
             for i, window in enumerate(sliding_windows(config, max_model_len))
@@ -140,7 +151,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config, max_model_len, self.make_mlp)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size)
         self.tie_weights()
 
     @staticmethod
@@ -164,4 +175,4 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, meta)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden_states).float()
+        return gather_vocab(self.lm_head(hidden_states), self.config.vocab_size).float()

@@ -109,7 +109,7 @@ class TinyModel(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.qkv_proj = nn.Linear(64, 192, bias=True)
-        self.gate_up_proj = GateUpLinear(64, 256, bias=False)
+        self.gate_up_proj = GateUpLinear(64, 128, bias=False)
         self.narrow = nn.Linear(48, 64)  # K = 48: no int4 group size
         shared = nn.Sequential(nn.Linear(64, 64))
         self.moe = SparseMoeBlock(64, 32, num_experts=4, top_k=2, renormalize=False, shared_expert=shared)

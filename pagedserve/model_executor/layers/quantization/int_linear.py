@@ -91,9 +91,11 @@ class Int4Linear(QuantizedLinear):
 class QuantizedExperts(GroupedExperts):
     """MoE experts with integer weights: `gate_up_proj[e]` (fused gate/up) and `down_proj[e]` per expert."""
 
-    def __init__(self, gate_up_proj: list[QuantizedLinear], down_proj: list[QuantizedLinear]) -> None:
+    def __init__(self, gate_up_proj: list[QuantizedLinear], down_proj: list[QuantizedLinear],
+                 first_expert: int = 0) -> None:
         super().__init__()
         self.num_experts = len(gate_up_proj)
+        self.first_expert = first_expert
         self.gate_up_proj = nn.ModuleList(gate_up_proj)
         self.down_proj = nn.ModuleList(down_proj)
 
@@ -159,7 +161,7 @@ def _quantize_experts(
         if layer is None:
             return None
         layers.append(layer)
-    return QuantizedExperts(layers[: experts.num_experts], layers[experts.num_experts :])
+    return QuantizedExperts(layers[: experts.num_experts], layers[experts.num_experts :], experts.first_expert)
 
 
 def empty_int4_experts(experts: FusedExperts, group_size: int | None) -> QuantizedExperts:
