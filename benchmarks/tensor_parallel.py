@@ -185,9 +185,10 @@ def main() -> None:
                         "x 49 per step (2 per layer + the embedding), ms"],
                        [[what, f"{us:.1f}", f"{49 * us / 1000:.2f}"] for what, us in reduce_us.items()]), "",
         f"This machine has {os.cpu_count()} cores: two ranks split the same cores and the same memory bandwidth "
-        "that one rank uses whole, so tensor parallelism cannot speed anything up here; what the table shows is "
-        "its cost (the all-reduces, the per-step messages to the worker, one thread per rank). It pays where each "
-        "rank has its own GPU or socket.", "",
+        "that one rank uses whole, so tensor parallelism is not expected to be faster here; the table shows what it "
+        "costs: the all-reduces, the messages to the worker, and rank 0's serial work (gathering and sampling the "
+        "logits, scheduling) on one core while the other rank waits. It pays where each rank has its own GPU or "
+        "socket.", "",
         markdown_table(["engine", "round", "rest of the machine during the worker (includes its start-up)"],
                        machine),
     ])

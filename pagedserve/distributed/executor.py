@@ -240,8 +240,6 @@ class TensorParallelRunner:
             worker.call("execute", shared, req_ids)
         try:
             out = self.driver.execute(sched, req_ids)
-        except WorkerFailed:
-            raise
         except Exception as e:  # the step's data: every worker must have failed as well
             if any(not errors for errors in self._wait()):
                 raise WorkerFailed(f"rank 0 failed a step its workers ran: {type(e).__name__}: {e}") from e

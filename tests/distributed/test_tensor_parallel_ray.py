@@ -15,7 +15,7 @@ PROMPTS = [{"prompt_token_ids": [5 + i, 17, 33 + i, 100, 7] * (1 + 2 * i)} for i
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
     try:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     except Exception as e:  # noqa: BLE001 - whatever stops Ray here is the reason to skip
         pytest.skip(f"a local Ray cannot start here: {e}")
     yield
