@@ -136,14 +136,16 @@ EXECUTOR_BACKENDS = ("mp", "ray")  # vLLM's distributed_executor_backend values 
 
 def resolve_tensor_parallel(size: int, backend: str | None, device: torch.device,
                             hf_config: PretrainedConfig) -> tuple[int, str]:
-    """(ranks, how ranks > 0 run). Heads and experts must split evenly across the ranks (every other size is
-    checked as the layers are built)."""
+    """(ranks, how ranks > 0 run). Heads and experts must split evenly across the ranks, key/value heads may also
+    be fewer (each is then held by several ranks); every other size is checked as the layers are built."""
     if not isinstance(size, int) or size < 1:
         raise ValueError(f"tensor_parallel_size must be a positive integer, got {size!r}")
     for name in ("num_attention_heads", "num_key_value_heads", "num_local_experts", "num_experts"):
         value = getattr(hf_config, name, None)
-        if value and value % size:
-            raise ValueError(f"{name}={value} is not divisible by tensor_parallel_size={size}")
+        fewer_kv_heads = name == "num_key_value_heads" and value and size % value == 0  # replicated
+        if value and value % size and not fewer_kv_heads:
+            raise ValueError(f"{name}={value} is not divisible by tensor_parallel_size={size}"
+                             + (" (nor the other way round)" if name == "num_key_value_heads" else ""))
     if backend not in (None, *EXECUTOR_BACKENDS):
         raise ValueError(f"distributed_executor_backend must be one of {EXECUTOR_BACKENDS}, got {backend!r}")
     if device.type == "cuda" and size > torch.cuda.device_count():

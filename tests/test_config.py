@@ -111,8 +111,13 @@ def test_tensor_parallel_settings(tmp_path, llama_dir):
             create_engine_config(EngineArgs(llama_dir, tensor_parallel_size=size))
     with pytest.raises(ValueError, match="distributed_executor_backend must be one of"):
         create_engine_config(EngineArgs(llama_dir, tensor_parallel_size=2, distributed_executor_backend="uni"))
-    with pytest.raises(ValueError, match="num_key_value_heads=2 is not divisible by tensor_parallel_size=4"):
-        create_engine_config(EngineArgs(llama_dir, tensor_parallel_size=4))
+    assert create_engine_config(EngineArgs(llama_dir, tensor_parallel_size=4)).tensor_parallel_size == 4  # 2 kv heads
+    with open(os.path.join(llama_dir, "config.json")) as f:
+        config = json.load(f)
+    heads = {"hidden_size": 96, "num_attention_heads": 12, "num_key_value_heads": 3}
+    (tmp_path / "config.json").write_text(json.dumps({**config, **heads}))
+    with pytest.raises(ValueError, match=r"num_key_value_heads=3 is not divisible by tensor_parallel_size=4 \(nor"):
+        create_engine_config(EngineArgs(str(tmp_path), tensor_parallel_size=4))
 
 
 def test_tensor_parallel_dequantizes_gguf_and_refuses_4_bit_checkpoints(tmp_path, llama_dir):

@@ -122,6 +122,16 @@ def test_tp2_under_chunked_prefill_prefix_hits_preemption_and_n(odd_vocab_llama,
     assert cache[1] == cache_one[1] // 2  # each rank holds half the KV heads of every block
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_tp4_shares_each_of_two_kv_heads_between_two_ranks(checkpoints, arch):
+    """4 query heads, 2 key/value heads, 4 ranks: each rank holds one query head and the key/value head it uses."""
+    params = SamplingParams(max_tokens=12, temperature=0, logprobs=3)
+    one, _, _ = run(checkpoints[arch], PROMPTS[:4], params, num_kv_blocks=64)
+    four, _, cache = run(checkpoints[arch], PROMPTS[:4], params, num_kv_blocks=64, tensor_parallel_size=4)
+    assert_same(one, four)
+    assert cache[1] == 1
+
+
 def test_kv_budget_is_per_rank(llama_dir):
     """The same KV memory per rank holds twice the blocks when each block holds half the heads."""
     budget = dict(kv_cache_memory_bytes=1 << 20)

@@ -1,7 +1,8 @@
 """Tensor-parallel layers: which piece of a weight each rank holds, and how the pieces' results combine.
 
 - Column-parallel (`ColumnParallelLinear`): each rank holds its slice of the output features of every part of a
-  fused projection (its query heads, its key/value heads; its gate rows and its up rows). No communication.
+  fused projection (its query heads, its key/value heads; its gate rows and its up rows). No communication. With
+  fewer key/value heads than ranks, each key/value head is held by several ranks (those whose query heads use it).
 - Row-parallel (`RowParallelLinear`): each rank holds a slice of the input features and computes a partial sum.
   The model adds the ranks' partials with `parallel_state.all_reduce` right after the layer, not the layer itself:
   after loading, a layer is swapped for a packed or quantized one, and the sum must survive the swap. The bias is
@@ -21,13 +22,31 @@ from torch import nn
 from pagedserve.distributed.parallel_state import all_reduce, divide, tp_rank, tp_size
 
 
-class ColumnParallelLinear(nn.Linear):
-    """A projection (possibly several fused: q/k/v, gate/up) split by output features. `output_sizes` are the
-    parts' full sizes, as in the checkpoint; `local_sizes` what this rank holds of each."""
+def kv_heads_held(num_kv_heads: int) -> tuple[int, int]:
+    """(first, count) of the key/value heads this rank holds: an even share, or, with fewer key/value heads than
+    ranks, the one head its query heads use (held by `tp_size() // num_kv_heads` ranks, as vLLM replicates it)."""
+    size, rank = tp_size(), tp_rank()
+    if num_kv_heads % size and size % num_kv_heads:
+        raise ValueError(f"num_key_value_heads={num_kv_heads} is not divisible by tensor_parallel_size={size} "
+                         "(nor the other way round)")
+    if num_kv_heads >= size:
+        return rank * (num_kv_heads // size), num_kv_heads // size
+    return rank // (size // num_kv_heads), 1
 
-    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = True) -> None:
+
+class ColumnParallelLinear(nn.Linear):
+    """A projection (possibly several fused: gate/up) split by output features. `output_sizes` are the parts'
+    full sizes, as in the checkpoint; `local_rows` the (first row, rows) this rank holds of each (default: an even
+    share); `local_sizes` the rows alone."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = True,
+                 local_rows: list[tuple[int, int]] | None = None) -> None:
         self.output_sizes = list(output_sizes)
-        self.local_sizes = [divide(size, "output size") for size in output_sizes]
+        if local_rows is None:
+            shares = [divide(size, "output size") for size in output_sizes]
+            local_rows = [(tp_rank() * share, share) for share in shares]
+        self.local_rows = local_rows
+        self.local_sizes = [rows for _, rows in local_rows]
         super().__init__(in_features, sum(self.local_sizes), bias=bias)
 
     def checkpoint_slice(self, tensor: torch.Tensor, param: str, part: int | None) -> torch.Tensor:
@@ -35,13 +54,24 @@ class ColumnParallelLinear(nn.Linear):
         fused (Phi-3's qkv_proj, GPT-2's c_attn)."""
         if tp_size() == 1:
             return tensor
-        rank = tp_rank()
         if part is not None:
-            return tensor.narrow(0, rank * self.local_sizes[part], self.local_sizes[part])
+            return tensor.narrow(0, *self.local_rows[part])
         if tensor.shape[0] != sum(self.output_sizes):
             return tensor  # the loader reports the mismatch
         pieces = tensor.split(self.output_sizes)
-        return torch.cat([p.narrow(0, rank * n, n) for p, n in zip(pieces, self.local_sizes)])
+        return torch.cat([p.narrow(0, *rows) for p, rows in zip(pieces, self.local_rows)])
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """The fused q/k/v projection: this rank's query heads, and its key/value heads (see `kv_heads_held`)."""
+
+    def __init__(self, in_features: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool) -> None:
+        q_heads = divide(num_heads, "num_attention_heads")
+        first_kv, kv_heads = kv_heads_held(num_kv_heads)
+        q_rows = (tp_rank() * q_heads * head_dim, q_heads * head_dim)
+        kv_rows = (first_kv * head_dim, kv_heads * head_dim)
+        super().__init__(in_features, [num_heads * head_dim, *[num_kv_heads * head_dim] * 2], bias,
+                         [q_rows, kv_rows, kv_rows])
 
 
 class RowParallelLinear(nn.Linear):

@@ -22,8 +22,10 @@ from pagedserve.model_executor.layers.layernorm import GemmaRMSNorm
 from pagedserve.model_executor.layers.parallel import (
     ColumnParallelLinear,
     ParallelLMHead,
+    QKVParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    kv_heads_held,
 )
 from pagedserve.model_executor.layers.rotary import RotaryEmbedding, rope_parameters
 from pagedserve.model_executor.models.llama import LlamaAttention, LlamaForCausalLM, Rope
@@ -33,14 +35,14 @@ class GemmaAttention(nn.Module):
     def __init__(self, config: PretrainedConfig, sliding_window: int | None) -> None:
         super().__init__()
         self.num_heads = divide(config.num_attention_heads, "num_attention_heads")  # this rank's heads
-        self.num_kv_heads = divide(config.num_key_value_heads, "num_key_value_heads")
+        self.num_kv_heads = kv_heads_held(config.num_key_value_heads)[1]
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         bias = config.attention_bias
-        q_size, kv_size = config.num_attention_heads * self.head_dim, config.num_key_value_heads * self.head_dim
-        self.qkv_proj = ColumnParallelLinear(config.hidden_size, [q_size, kv_size, kv_size], bias=bias)
-        self.o_proj = RowParallelLinear(q_size, config.hidden_size, bias=bias)
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, config.num_attention_heads,
+                                          config.num_key_value_heads, bias)
+        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
         self.qk_norm = config.model_type == "gemma3_text"
         if self.qk_norm:
             self.q_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)

@@ -22,10 +22,11 @@ from pagedserve.model_executor.layers.attention import Attention, sliding_window
 from pagedserve.model_executor.layers.layernorm import RMSNorm
 from pagedserve.model_executor.layers.linear import GateUpLinear
 from pagedserve.model_executor.layers.parallel import (
-    ColumnParallelLinear,
     ParallelLMHead,
+    QKVParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    kv_heads_held,
 )
 from pagedserve.model_executor.layers.rotary import RotaryEmbedding, apply_rotary, rope_parameters
 
@@ -41,16 +42,15 @@ class LlamaAttention(nn.Module):
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
         self.head_dim = getattr(config, "head_dim", None) or hidden // num_heads
         self.num_heads = divide(num_heads, "num_attention_heads")  # this rank's heads
-        self.num_kv_heads = divide(num_kv_heads, "num_key_value_heads")
+        self.num_kv_heads = kv_heads_held(num_kv_heads)[1]  # one, shared with other ranks, if fewer than ranks
         model_type = config.model_type
         attention_bias = getattr(config, "attention_bias", False)
         qkv_bias = model_type == "qwen2" or getattr(config, "qkv_bias", False) or attention_bias
         o_bias = model_type != "qwen2" and attention_bias
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        q_size, kv_size = num_heads * self.head_dim, num_kv_heads * self.head_dim
-        self.qkv_proj = ColumnParallelLinear(hidden, [q_size, kv_size, kv_size], bias=qkv_bias)
-        self.o_proj = RowParallelLinear(q_size, hidden, bias=o_bias)
+        self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, num_heads, num_kv_heads, qkv_bias)
+        self.o_proj = RowParallelLinear(num_heads * self.head_dim, hidden, bias=o_bias)
         self.qk_norm = model_type in ("qwen3", "qwen3_moe")
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)

@@ -10,6 +10,7 @@ from pagedserve.model_executor.layers.moe import FusedExperts, select_experts
 from pagedserve.model_executor.layers.parallel import (
     ColumnParallelLinear,
     ParallelLMHead,
+    QKVParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
 )
@@ -35,6 +36,22 @@ def test_column_parallel_slices_every_part(monkeypatch):
         pieces.append(by_part)
     for i, part in enumerate(parts):
         torch.testing.assert_close(torch.cat([pieces[0][i], pieces[1][i]]), part)
+
+
+def test_fewer_kv_heads_than_ranks_are_shared(monkeypatch):
+    """2 key/value heads over 4 ranks: ranks 0-1 hold head 0, ranks 2-3 head 1, each with its one query head."""
+    head_dim, whole = 4, torch.randn(4 * 4 + 2 * 2 * 4, 8)  # q: 4 heads, k and v: 2 heads
+    q, k, v = whole.split([16, 8, 8])
+    for rank in range(4):
+        as_rank(monkeypatch, rank, 4)
+        layer = QKVParallelLinear(8, head_dim, num_heads=4, num_kv_heads=2, bias=False)
+        assert layer.local_sizes == [4, 4, 4]
+        kv_head = slice(rank // 2 * head_dim, (rank // 2 + 1) * head_dim)
+        expected = torch.cat([q[rank * head_dim : (rank + 1) * head_dim], k[kv_head], v[kv_head]])
+        torch.testing.assert_close(layer.checkpoint_slice(whole, "weight", None), expected)
+    as_rank(monkeypatch, 0, 4)
+    with pytest.raises(ValueError, match="num_key_value_heads=3 is not divisible by tensor_parallel_size=4"):
+        QKVParallelLinear(8, head_dim, num_heads=12, num_kv_heads=3, bias=False)
 
 
 def test_row_parallel_partials_sum_to_the_whole_with_the_bias_once(monkeypatch):
