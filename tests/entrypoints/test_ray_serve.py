@@ -360,6 +360,50 @@ def test_bad_input_is_refused_before_any_replica_sees_it(llama_dir):
     assert engine.handle.requests == []
 
 
+class FakeBroadcast:
+    """`handle.broadcast("check_health").results_async(...)`: each replica's result, or its exception."""
+
+    def __init__(self, rounds: list[list[object]]) -> None:
+        self.rounds = rounds
+
+    def __call__(self, method: str) -> "FakeBroadcast":
+        assert method == "check_health"
+        return self
+
+    async def results_async(self, timeout_s: float, return_exceptions: bool) -> list[object]:
+        assert return_exceptions
+        return self.rounds.pop(0) if len(self.rounds) > 1 else self.rounds[0]
+
+
+def test_health_follows_the_replicas(llama_dir, monkeypatch):
+    """/health and admission read `errored`: set while no replica passes its health check, cleared when one does."""
+    from pagedserve.entrypoints.ray_serve import remote_engine as module
+
+    monkeypatch.setattr(module, "HEALTH_INTERVAL_S", 0.0)
+    dead, down = ActorDiedError(), RuntimeError("the engine is not running: restarting")
+    engine = remote_engine(llama_dir, [])
+
+    def check(results: list[object]) -> str | None:
+        engine.handle.broadcast = FakeBroadcast([results])
+        return asyncio.run(engine.replicas_down())
+
+    assert check([None, dead]) is None  # one replica is enough
+    assert "no replica is running" in check([dead, down])
+    assert "no replica is running" in check([])
+
+    async def watch(results: list[object]) -> str | None:
+        engine.handle.broadcast = FakeBroadcast([results])
+        task = asyncio.create_task(engine.watch_replicas())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        return engine.errored
+
+    assert "no replica is running" in asyncio.run(watch([dead, dead]))
+    with pytest.raises(module.EngineDeadError):  # what the server answers with a 503
+        engine.add_request({"prompt_token_ids": [5, 6]}, SamplingParams(max_tokens=3), "req-2")
+    assert asyncio.run(watch([dead, None])) is None  # Ray Serve restarted one
+
+
 # ---- `pagedserve serve --num-replicas 2`: a local Ray, two replicas ----------------------------------------
 
 MAX_MODEL_LEN = 256

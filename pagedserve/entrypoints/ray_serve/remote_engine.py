@@ -6,7 +6,8 @@ router (router.py) picks the replica, and its outputs stream back.
 Faults: a replica that dies, or refuses the request (its engine down, its queue full), before the request
 produced anything gets the request again on another replica (up to `MAX_ATTEMPTS`); one that dies
 mid-stream fails the request with `EngineDeadError` (a final SSE error event, or a 503), and the others keep
-serving. Ray Serve restarts the dead replica.
+serving. Ray Serve restarts the dead replica. While no replica answers its health check, `errored` says so:
+`/health` and new requests get a 503, as from a single server whose engine died.
 """
 
 import asyncio
@@ -33,6 +34,7 @@ logger = logging.getLogger("pagedserve")
 
 MAX_ATTEMPTS = 3  # a request no replica started yet is sent again when its replica dies
 RETRY_DELAY_S = 0.5
+HEALTH_INTERVAL_S = 2.0  # how often the ingress asks the replicas whether any is running
 
 
 class ServedBy:
@@ -81,6 +83,7 @@ class RemoteEngine:
         self.input_processor = InputProcessor(self.tokenizer)
         self.metrics = ReplicaMetrics(handle)
         self.errored: str | None = "the replicas are starting"
+        self.watch: asyncio.Task | None = None
         self.responses: dict[str, Any] = {}  # request id -> the replica's response stream, while it runs
         self.failures: dict[str, asyncio.Queue[Exception]] = {}
         self.eager: dict[str, EagerStream] = {}
@@ -91,9 +94,34 @@ class RemoteEngine:
         self.input_processor.limits = limits
         self.errored = None
         logger.info("replica %s is ready", replica)
+        self.watch = asyncio.create_task(self.watch_replicas())
 
     async def shutdown(self) -> None:
+        if self.watch is not None:
+            self.watch.cancel()
         self.end_requests("the server is shutting down")
+
+    async def watch_replicas(self) -> None:
+        """Keep `errored` (what /health and admission read) true to the replicas: set while none passes its health
+        check, cleared as soon as one does again."""
+        while True:
+            await asyncio.sleep(HEALTH_INTERVAL_S)
+            down = await self.replicas_down()
+            if down != self.errored:
+                log = logger.warning if down else logger.info
+                log("replicas: %s", down or "running again")
+            self.errored = down
+
+    async def replicas_down(self) -> str | None:
+        """None if some replica's engine is running, else why not."""
+        try:
+            results = await self.handle.broadcast("check_health").results_async(timeout_s=CALL_TIMEOUT_S,
+                                                                                return_exceptions=True)
+        except Exception as e:  # noqa: BLE001 - whatever it is, no replica answered
+            return f"the replicas did not answer: {_first_line(e)}"
+        if any(not isinstance(result, BaseException) for result in results):
+            return None
+        return "no replica is running" + (f" ({_first_line(results[0])})" if results else "")
 
     # ---- requests -----------------------------------------------------------------------------------
 
