@@ -10,7 +10,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from pagedserve.distributed.shm_all_reduce import ShmAllReduce
+from pagedserve.distributed.shm_all_reduce import SLOT_BYTES, ShmAllReduce
 
 _rank = 0
 _size = 1
@@ -72,6 +72,9 @@ def gather_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     if _size == 1:
         return logits
     logits = logits.contiguous()
+    if _shm is not None and _shm.supports(logits) and logits.shape[1] * logits.element_size() <= SLOT_BYTES:
+        gathered = _shm.gather(logits)
+        return logits[:, :0] if gathered is None else gathered[:, :vocab_size]
     if _rank != 0:
         dist.gather(logits, None, dst=0)
         return logits[:, :0]

@@ -1,8 +1,9 @@
-// All-reduce (sum) between the tensor-parallel ranks of one machine through a shared memory segment: each rank
-// copies its tensor into its own slot, publishes a sequence number, waits for every rank's, and sums all slots in
-// rank order (in float32), so every rank gets bit-identical results. Two slots per rank alternate between calls:
-// a rank can only write slot s % 2 again at call s + 2, after every rank has published s + 1, i.e. finished
-// reading call s. See shm_all_reduce.py for the segment's layout.
+// All-reduce (sum) and gather between the tensor-parallel ranks of one machine through a shared memory segment:
+// each rank copies its tensor into its own slot, publishes a sequence number, and waits for every rank's; then
+// each sums all slots in rank order (in float32), so every rank gets bit-identical results, or, for a gather,
+// rank 0 lays the slots side by side. Two slots per rank alternate between calls: a rank can only write slot s % 2
+// again at call s + 2, after every rank has published s + 1, i.e. finished reading call s. See shm_all_reduce.py
+// for the segment's layout.
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -76,6 +77,20 @@ int64_t all_reduce(char* base, int64_t rank, int64_t world, int64_t slot_bytes, 
 }  // namespace
 
 extern "C" {
+// rows x row_bytes of every rank -> out (rank 0; nullptr elsewhere): row i is rank 0's row i, then rank 1's, ...
+int64_t shm_gather(char* base, int64_t rank, int64_t world, int64_t slot_bytes, const char* x, int64_t rows,
+                   int64_t row_bytes, char* out, int64_t seq, double timeout_s) {
+  std::memcpy(slot(base, rank, seq, slot_bytes), x, rows * row_bytes);
+  counter(base, rank)->store(seq, std::memory_order_release);
+  if (!wait_all(base, world, seq, timeout_s)) return -1;
+  if (out == nullptr) return 0;
+  for (int64_t r = 0; r < world; ++r) {
+    const char* from = slot(base, r, seq, slot_bytes);
+    for (int64_t i = 0; i < rows; ++i) std::memcpy(out + (i * world + r) * row_bytes, from + i * row_bytes, row_bytes);
+  }
+  return 0;
+}
+
 int64_t shm_all_reduce_f32(char* base, int64_t rank, int64_t world, int64_t slot_bytes, float* x, int64_t n,
                            int64_t seq, double timeout_s) {
   return all_reduce(base, rank, world, slot_bytes, x, n, seq, timeout_s);

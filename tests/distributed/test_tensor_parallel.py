@@ -196,3 +196,21 @@ def test_server_with_tp2_answers_as_one_rank_and_stops_its_workers(checkpoints):
     assert texts[0] == texts[1]
     time.sleep(1)
     assert not any(alive(pid) for pid in workers)
+
+
+def test_the_default_gguf_split_three_ways_equals_one_rank():
+    """The bundled SmolLM2 (9 heads, 3 key/value heads, Q4_1 blocks): dequantized at load, as its blocks run along
+    the input features that ranks split, then 3 ranks in float32 give one rank's tokens."""
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    params = SamplingParams(max_tokens=8, temperature=0, logprobs=2)
+    outputs = []
+    for tp in (1, 3):
+        llm = LLM(dtype="float32", max_model_len=128, num_kv_blocks=32, dequantize_gguf=tp == 1,
+                  tensor_parallel_size=tp)
+        try:
+            assert llm.config.quantization is None
+            outputs.append(llm.generate(prompts, params, use_tqdm=False))
+        finally:
+            llm.engine.shutdown()
+    assert_same(*outputs)
+    assert "Paris" in outputs[1][0].outputs[0].text
