@@ -1,6 +1,6 @@
 """Tensor parallelism on this machine: one rank against two (a worker process), same model, same requests.
 
-    python benchmarks/tensor_parallel.py [--output BENCHMARKS.md] [--rounds 2] [--quick]
+    python benchmarks/tensor_parallel.py [--output BENCHMARKS.md] [--rounds 3] [--quick]
 
 One worker process per engine and round, interleaved (tp=1, tp=2, tp=2 over gloo, then backwards), each after a
 bounded wait for a quiet machine, with what the rest of the machine used recorded. `tp=2` sums the ranks' partial
@@ -131,7 +131,7 @@ def run_worker(command: list[str], env: dict | None = None) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default=None, help="rewrite this file's tensor_parallel section")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
