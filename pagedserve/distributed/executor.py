@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import torch
 
 from pagedserve.config import EngineConfig
-from pagedserve.distributed.parallel_state import destroy_tensor_parallel, init_tensor_parallel
+from pagedserve.distributed.parallel_state import destroy_tensor_parallel, init_tensor_parallel, tp_size
 from pagedserve.engine.scheduler import SchedulerOutput
 from pagedserve.model_executor.model_runner import ModelRunner, ModelRunnerOutput
 
@@ -192,6 +192,9 @@ class TensorParallelRunner:
     """What the engine core holds instead of a ModelRunner when tensor_parallel_size > 1."""
 
     def __init__(self, config: EngineConfig) -> None:
+        if tp_size() > 1:  # the group is the process's; leaving it on failure would break the engine that holds it
+            raise ValueError("this process already holds a tensor-parallel engine (one tensor-parallel engine per "
+                             "process); shut it down first")
         world_size = config.tensor_parallel_size
         backend = "nccl" if config.device.type == "cuda" else "gloo"
         if config.distributed_executor_backend == "ray":

@@ -163,6 +163,21 @@ def test_a_split_that_does_not_divide_is_a_value_error_and_leaves_no_worker(llam
     assert worker_pids() == []
 
 
+def test_one_tensor_parallel_engine_per_process(llama_dir):
+    """The group belongs to the process: a second engine is refused and the first one keeps working."""
+    llm = LLM(llama_dir, **TINY, num_kv_blocks=64, tensor_parallel_size=2)
+    try:
+        for tp in (2, 1):
+            with pytest.raises(ValueError, match="one tensor-parallel engine per process"):
+                LLM(llama_dir, **TINY, num_kv_blocks=64, tensor_parallel_size=tp)
+        out = llm.generate([{"prompt_token_ids": PROMPTS[0]}], SamplingParams(max_tokens=4, ignore_eos=True),
+                           use_tqdm=False)
+        assert len(out[0].outputs[0].token_ids) == 4
+        assert len(worker_pids()) == 1
+    finally:
+        llm.engine.shutdown()
+
+
 def test_a_dead_worker_fails_the_engine_at_once(llama_dir):
     llm = LLM(llama_dir, **TINY, num_kv_blocks=64, tensor_parallel_size=2)
     try:
