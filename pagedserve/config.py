@@ -131,6 +131,14 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
     )
 
 
+def check_kv_heads(num_kv_heads: int, size: int) -> None:
+    """Key/value heads split evenly across `size` ranks, or each is shared by `size // num_kv_heads` of them (the
+    rule `layers.parallel.kv_heads_held` applies)."""
+    if num_kv_heads % size and size % num_kv_heads:
+        raise ValueError(f"num_key_value_heads={num_kv_heads} is not divisible by tensor_parallel_size={size} "
+                         "(nor the other way round)")
+
+
 EXECUTOR_BACKENDS = ("mp", "ray")  # vLLM's distributed_executor_backend values that run here
 
 
@@ -140,12 +148,12 @@ def resolve_tensor_parallel(size: int, backend: str | None, device: torch.device
     be fewer (each is then held by several ranks); every other size is checked as the layers are built."""
     if not isinstance(size, int) or size < 1:
         raise ValueError(f"tensor_parallel_size must be a positive integer, got {size!r}")
-    for name in ("num_attention_heads", "num_key_value_heads", "num_local_experts", "num_experts"):
+    for name in ("num_attention_heads", "num_local_experts", "num_experts"):
         value = getattr(hf_config, name, None)
-        fewer_kv_heads = name == "num_key_value_heads" and value and size % value == 0  # replicated
-        if value and value % size and not fewer_kv_heads:
-            raise ValueError(f"{name}={value} is not divisible by tensor_parallel_size={size}"
-                             + (" (nor the other way round)" if name == "num_key_value_heads" else ""))
+        if value and value % size:
+            raise ValueError(f"{name}={value} is not divisible by tensor_parallel_size={size}")
+    if getattr(hf_config, "num_key_value_heads", None):
+        check_kv_heads(hf_config.num_key_value_heads, size)
     if backend not in (None, *EXECUTOR_BACKENDS):
         raise ValueError(f"distributed_executor_backend must be one of {EXECUTOR_BACKENDS}, got {backend!r}")
     if device.type == "cuda" and size > torch.cuda.device_count():

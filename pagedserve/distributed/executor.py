@@ -49,8 +49,8 @@ def threads_per_rank(world_size: int) -> int:
 
 
 class Worker:
-    """A rank > 0: joins the group, loads its shard, and runs what rank 0 sends (same calls as a ModelRunner).
-    `config` carries the rank's own device."""
+    """A rank: joins the group, loads its shard, and (ranks > 0) runs what rank 0 sends, the same calls as a
+    ModelRunner. `config` carries the rank's own device. Rank 0 keeps only its `runner`."""
 
     def __init__(self, config: EngineConfig, rank: int, init_method: str, backend: str) -> None:
         if config.device.type == "cpu":
@@ -213,10 +213,7 @@ class TensorParallelRunner:
         try:
             for rank in range(1, world_size):
                 self.workers.append(make_worker(config, rank, init_method, backend))
-            if config.device.type == "cpu":
-                torch.set_num_threads(threads_per_rank(world_size))
-            init_tensor_parallel(0, world_size, init_method, backend)
-            self.driver = ModelRunner(rank_config(config, 0))
+            self.driver = Worker(rank_config(config, 0), 0, init_method, backend).runner  # rank 0, in this process
             self._check(self._wait())
         except BaseException:
             self._stop()

@@ -54,6 +54,8 @@ class ShmAllReduce:
     def create(cls, rank: int, world_size: int, name: str, timeout_s: float) -> "ShmAllReduce | None":
         """None where the kernel cannot be built or /dev/shm is missing (gloo's all-reduce is used instead); the
         ranks agree, since they run on one machine with one environment."""
+        if world_size > _HEADER // 64:  # the header holds one 64-byte line per rank
+            return None
         if not os.path.isdir("/dev/shm") or os.environ.get("PAGEDSERVE_TP_ALL_REDUCE", "shm") != "shm":
             return None
         functions = {f"shm_all_reduce_{suffix}": (ctypes.c_int64, _ARGS) for suffix in _DTYPES.values()}

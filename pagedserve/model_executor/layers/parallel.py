@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedserve.config import check_kv_heads
 from pagedserve.distributed.parallel_state import all_reduce, divide, tp_rank, tp_size
 
 
@@ -26,9 +27,7 @@ def kv_heads_held(num_kv_heads: int) -> tuple[int, int]:
     """(first, count) of the key/value heads this rank holds: an even share, or, with fewer key/value heads than
     ranks, the one head its query heads use (held by `tp_size() // num_kv_heads` ranks, as vLLM replicates it)."""
     size, rank = tp_size(), tp_rank()
-    if num_kv_heads % size and size % num_kv_heads:
-        raise ValueError(f"num_key_value_heads={num_kv_heads} is not divisible by tensor_parallel_size={size} "
-                         "(nor the other way round)")
+    check_kv_heads(num_kv_heads, size)
     if num_kv_heads >= size:
         return rank * (num_kv_heads // size), num_kv_heads // size
     return rank // (size // num_kv_heads), 1
