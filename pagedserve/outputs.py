@@ -2,6 +2,9 @@
 
 from dataclasses import dataclass, field
 
+# Logprobs of one sampled position: token id -> (logprob, rank). The sampled token is always present.
+TokenLogprobs = dict[int, tuple[float, int]]
+
 
 @dataclass
 class Logprob:

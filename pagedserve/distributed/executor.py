@@ -26,8 +26,8 @@ import torch
 
 from pagedserve.config import EngineConfig
 from pagedserve.distributed.parallel_state import destroy_tensor_parallel, init_tensor_parallel, tp_size
-from pagedserve.engine.scheduler import SchedulerOutput
-from pagedserve.model_executor.model_runner import ModelRunner, ModelRunnerOutput
+from pagedserve.model_executor.model_runner import ModelRunner
+from pagedserve.model_executor.step import ModelRunnerOutput, SchedulerOutput
 
 logger = logging.getLogger("pagedserve")
 

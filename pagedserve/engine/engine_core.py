@@ -34,9 +34,9 @@ from pagedserve.distributed.executor import WorkerFailed, make_model_runner
 from pagedserve.engine.kv_cache_manager import KVCacheManager
 from pagedserve.engine.protocol import EngineCoreOutput, EngineStats, ModelLimits, validate_request, validate_session
 from pagedserve.engine.request import Request, RequestStatus
-from pagedserve.engine.scheduler import Scheduler, SchedulerOutput, make_policy
+from pagedserve.engine.scheduler import Scheduler, make_policy
 from pagedserve.engine.structured_output.manager import StructuredOutputManager
-from pagedserve.model_executor.model_runner import ModelRunnerOutput
+from pagedserve.model_executor.step import ModelRunnerOutput, SchedulerOutput
 from pagedserve.sampling_params import SamplingParams
 
 logger = logging.getLogger("pagedserve")

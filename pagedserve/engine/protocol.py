@@ -8,10 +8,8 @@ The front end validates a request with `validate_request` before sending it, so 
 
 import msgspec
 
+from pagedserve.outputs import TokenLogprobs
 from pagedserve.sampling_params import SamplingParams
-
-# Logprobs of one sampled position: token id -> (logprob, rank). The sampled token is always present.
-TokenLogprobs = dict[int, tuple[float, int]]
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's upper bound
 

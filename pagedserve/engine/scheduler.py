@@ -14,60 +14,11 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from pagedserve.engine.kv_cache_manager import KVCacheManager
 from pagedserve.engine.request import Request, RequestStatus
 from pagedserve.engine.sessions import Sessions
-from pagedserve.sampling_params import SamplingParams
-
-if TYPE_CHECKING:  # it holds a tensor; the scheduler never touches it
-    from pagedserve.engine.structured_output.manager import GrammarBitmask
-
-
-@dataclass
-class NewRequestData:
-    """A request the runner does not hold: first scheduled, forked from a parent (n > 1), or resumed after
-    preemption (then `output_token_ids` are the tokens it had generated, recomputed as part of its prompt)."""
-
-    req_id: str
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
-    sampling_params: SamplingParams
-    block_ids: list[int]
-    num_computed_tokens: int
-
-
-@dataclass
-class CachedRequestData:
-    """A request the runner already holds: from index `block_table_start` on, its block table is now
-    `new_block_ids` (appended blocks, and the copy that replaced a shared block, see copy-on-write)."""
-
-    req_id: str
-    num_computed_tokens: int
-    block_table_start: int
-    new_block_ids: list[int]
-
-
-@dataclass
-class SchedulerOutput:
-    new_requests: list[NewRequestData] = field(default_factory=list)
-    cached_requests: list[CachedRequestData] = field(default_factory=list)
-    # Tokens each scheduled request computes this step, in batch order (starting at its num_computed_tokens).
-    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
-    # The scheduled requests whose chunk reaches their last token: they sample one (a placeholder until it is back).
-    sampling_req_ids: list[str] = field(default_factory=list)
-    # Requests the runner must forget: finished (with their sampling state) or preempted (they come back new).
-    finished_req_ids: set[str] = field(default_factory=set)
-    preempted_req_ids: set[str] = field(default_factory=set)
-    # (src, dst) block ids to copy in every layer before the forward: copy-on-write of shared blocks.
-    block_copies: list[tuple[int, int]] = field(default_factory=list)
-    # Token ids a row may not sample this step (EOS and stop ids before min_tokens); set by the engine core.
-    banned_token_ids: dict[str, list[int]] = field(default_factory=dict)
-    # Tokens the grammar-constrained rows that sample this step may take (structured outputs); set by the
-    # engine core, and filled while the forward runs.
-    grammar_bitmask: GrammarBitmask | None = None
+from pagedserve.model_executor.step import CachedRequestData, NewRequestData, SchedulerOutput
 
 
 class FCFSPolicy:

@@ -4,24 +4,19 @@ Under tensor parallelism every rank runs one (distributed/executor.py) on its sh
 run the same forward; rank 0 samples and the others take its ids."""
 
 import logging
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from pagedserve.config import EngineConfig
 from pagedserve.distributed.parallel_state import broadcast_sampled, min_across_ranks, tp_rank, tp_size
-from pagedserve.engine.protocol import TokenLogprobs
-from pagedserve.engine.scheduler import SchedulerOutput
 from pagedserve.model_executor.attention import cpu_kernel
 from pagedserve.model_executor.attention.torch_paged import AttentionMetadata
 from pagedserve.model_executor.layers.sampler import Sampler, SamplingMetadata
 from pagedserve.model_executor.loader import load_model
+from pagedserve.model_executor.step import GrammarBitmask, ModelRunnerOutput, SchedulerOutput
 from pagedserve.sampling_params import SamplingParams
-
-if TYPE_CHECKING:
-    from pagedserve.engine.structured_output.manager import GrammarBitmask
 
 logger = logging.getLogger("pagedserve")
 
@@ -50,12 +45,6 @@ class CachedRequestState:
         if end <= num_prompt:
             return self.prompt_token_ids[start:end]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - num_prompt]
-
-
-@dataclass
-class ModelRunnerOutput:
-    sampled_token_ids: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)  # of requests that asked for them
 
 
 def available_memory_bytes() -> int:
@@ -270,7 +259,7 @@ class ModelRunner:
         return token_ids
 
     def _add_grammar_bitmask(
-        self, metadata: SamplingMetadata, grammar: "GrammarBitmask", sampled_ids: list[str]
+        self, metadata: SamplingMetadata, grammar: GrammarBitmask, sampled_ids: list[str]
     ) -> None:
         """The bitmask rows of the constrained requests among this batch's sampling rows; waits for the engine
         core's fill (it ran during the forward)."""

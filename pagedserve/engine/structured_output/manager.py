@@ -15,7 +15,6 @@ import time
 from collections import OrderedDict
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,28 +23,13 @@ from transformers import PreTrainedTokenizerBase
 from pagedserve.config import EngineConfig
 from pagedserve.engine.request import Request, RequestStatus
 from pagedserve.engine.structured_output.backend import GrammarBackend, GrammarMatcher, backend_class, choose_backend
+from pagedserve.model_executor.step import GrammarBitmask
 from pagedserve.sampling_params import StructuredOutputsParams
 
 logger = logging.getLogger("pagedserve")
 
 COMPILE_TIMEOUT_S = 60.0  # a request whose grammar takes longer fails (the compile itself cannot be stopped)
 GRAMMAR_CACHE_SIZE = 64  # compiled grammars kept, least recently used out first (a JSON one: ~1 MB at 49k tokens)
-
-
-@dataclass
-class GrammarBitmask:
-    """A step's token bitmask for the rows that sample under a grammar: `rows[req_id]` is that request's row.
-    It is filled on a thread while the forward runs; `tensor()` waits for it."""
-
-    rows: dict[str, int]
-    filled: Future  # of the int32 [len(rows), ceil(vocab_size / 32)] CPU tensor
-
-    def tensor(self) -> torch.Tensor:
-        return self.filled.result()
-
-    def wait(self) -> None:
-        """Until the fill has ended, well or not: then no matcher is read any more."""
-        futures.wait([self.filled])
 
 
 class StructuredOutputManager:
