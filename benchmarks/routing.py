@@ -32,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from report import replace_section
 from serving import PAGEDSERVE_FLAGS, REPO, ServerProcess, free_port, pagedserve_command
 
+from pagedserve.engine.protocol import AddRequest
 from pagedserve.entrypoints.ray_serve.router import ReplicaRequest, RoutingPolicy
 from pagedserve.sampling_params import SamplingParams
 
@@ -74,7 +75,7 @@ def router_cost_us(workload: Workload, repeats: int = 200) -> float:
     """The session router's decision for one request of the workload's longest prompt, in microseconds
     (hashing its blocks, ranking two replicas, recording the choice): min over `repeats`."""
     tokens = workload.system_tokens + workload.turns * (workload.message_tokens[1] + workload.output_tokens[1])
-    request = ReplicaRequest(list(range(tokens)), None, SamplingParams(max_tokens=1), "r", session_id="s")
+    request = ReplicaRequest(AddRequest("r", list(range(tokens)), SamplingParams(max_tokens=1), session_id="s"))
     policy = RoutingPolicy("session", block_size=BLOCK_SIZE)
     best = float("inf")
     for i in range(repeats):

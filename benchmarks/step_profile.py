@@ -31,6 +31,8 @@ import sys
 import time
 from collections import defaultdict
 
+from pagedserve.engine.protocol import AddRequest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASELINE = "f837b7d"  # before issue 13's speed work (fused CPU ops, AMX prefill kernel)
 LINEAR_OPS = ("mm", "linear", "matmul")
@@ -146,8 +148,8 @@ def worker(quick: bool) -> None:
         ids = []
         for _ in range(count):
             request_id = f"r{next(next_id)}"
-            core.add_request(request_id, [rng.randrange(vocab) for _ in range(prompt_len)],
-                             SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0))
+            core.add_request(AddRequest(request_id, [rng.randrange(vocab) for _ in range(prompt_len)],
+                             SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0)))
             ids.append(request_id)
         return ids
 

@@ -41,7 +41,7 @@ from common import (
 from report import replace_section
 
 from pagedserve import LLM, SamplingParams
-from pagedserve.engine.protocol import EngineStats
+from pagedserve.engine.protocol import AddRequest, EngineStats
 from pagedserve.model_executor.gguf_loader import (
     iter_gguf_tensors,
     load_gguf_config,
@@ -355,8 +355,8 @@ def kv_waste(s: Settings, vocab_size: int) -> WasteResult:
     for i, (prompt_len, output_len) in enumerate(lengths):
         request_id = f"waste-{i}"
         prompt = random_prompts(1, prompt_len, vocab_size, s.seed + 100 + i)[0]
-        engine.add_request(request_id, prompt, SamplingParams(max_tokens=output_len, ignore_eos=True,
-                                                              temperature=0))
+        engine.add_request(AddRequest(request_id, prompt, SamplingParams(max_tokens=output_len, ignore_eos=True,
+                                                              temperature=0)))
         max_tokens[request_id] = output_len
 
     stats = llm.stats()

@@ -1,5 +1,6 @@
-"""The engine's busy loop, wherever it runs: in a thread of the server (`run_engine_loop` over Python queues)
-or in its own process (`engine_process_main`: msgpack over ZeroMQ IPC sockets, as vLLM v1).
+"""The engine's busy loop, wherever it runs: in a thread of the server (`run_engine_loop` over Python queues),
+in its own process (`engine_process_main`: msgpack over ZeroMQ IPC sockets, as vLLM v1), or in the caller's
+thread for the offline `LLM` (`EngineLoop.turn` called in its loop).
 
 Each turn: take the messages that arrived, run one step if there is work, send what came out. A message
 that fails (a request the core rejects, a utility call that raises) answers with an error and the loop
@@ -34,23 +35,27 @@ logger = logging.getLogger("pagedserve")
 UTILITY_METHODS = ("reset_prefix_cache", "stats", "close_session")
 
 
-def run_engine_loop(
-    core: EngineCore, receive: Callable[[bool], list[EngineCoreRequest]], send: Callable[[EngineCoreOutputs], None]
-) -> None:
-    """Loop until a Shutdown message. `receive(block)` blocks for the next message when the engine is idle,
-    and only drains what is there when it is busy."""
-    while True:
-        messages = receive(not core.has_unfinished_requests())
+class EngineLoop:
+    """The engine's driver, one turn at a time: apply the messages that came in, run one step if anything is
+    unfinished, and return what goes out. The engine process (or thread) and the offline `LLM` run the same one."""
+
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+        self.stopped = False  # a Shutdown came: the core is shut down
+
+    def turn(self, messages: list[EngineCoreRequest]) -> EngineCoreOutputs | None:
+        """What to send after these messages and one step; None if there is nothing to send, or on Shutdown."""
+        core = self.core
         outputs: list[EngineCoreOutput] = []
         results: list[UtilityResult] = []
         for message in messages:
             if isinstance(message, Shutdown):
                 core.shutdown()
-                return
+                self.stopped = True
+                return None
             if isinstance(message, AddRequest):
                 try:
-                    core.add_request(message.request_id, message.prompt_token_ids, message.params, message.cache_salt,
-                                     message.session_id, message.kv_retention_s, message.priority)
+                    core.add_request(message)
                 except Exception as e:  # the front end validates first; this is the core's own last word
                     error = str(e) if isinstance(e, ValueError) else f"engine error: {type(e).__name__}: {e}"
                     outputs.append(EngineCoreOutput(message.request_id, [], finish_reason="error", error=error))
@@ -63,7 +68,20 @@ def run_engine_loop(
         if core.has_unfinished_requests():
             outputs += core.step()
         if outputs or results or messages:
-            send(EngineCoreOutputs(outputs, core.stats(), results))
+            return EngineCoreOutputs(outputs, core.stats(), results)
+        return None
+
+
+def run_engine_loop(
+    core: EngineCore, receive: Callable[[bool], list[EngineCoreRequest]], send: Callable[[EngineCoreOutputs], None]
+) -> None:
+    """Loop until a Shutdown message. `receive(block)` blocks for the next message when the engine is idle,
+    and only drains what is there when it is busy."""
+    loop = EngineLoop(core)
+    while not loop.stopped:
+        out = loop.turn(receive(not core.has_unfinished_requests()))
+        if out is not None:
+            send(out)
 
 
 def _call(core: EngineCore, call: UtilityCall) -> UtilityResult:

@@ -32,7 +32,14 @@ from typing import cast
 from pagedserve.config import EngineConfig
 from pagedserve.distributed.executor import WorkerFailed, make_model_runner
 from pagedserve.engine.kv_cache_manager import KVCacheManager
-from pagedserve.engine.protocol import EngineCoreOutput, EngineStats, ModelLimits, validate_request, validate_session
+from pagedserve.engine.protocol import (
+    AddRequest,
+    EngineCoreOutput,
+    EngineStats,
+    ModelLimits,
+    validate_request,
+    validate_session,
+)
 from pagedserve.engine.request import Request, RequestStatus
 from pagedserve.engine.scheduler import Scheduler, make_policy
 from pagedserve.engine.structured_output.manager import StructuredOutputManager
@@ -79,38 +86,28 @@ class EngineCore:
         self.in_flight: deque[LaunchedStep] = deque()
         self.step_failed = False  # set by _run when a step fails; later steps are then not run until drained
 
-    def add_request(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        sampling_params: SamplingParams,
-        cache_salt: str | None = None,
-        session_id: str | None = None,
-        kv_retention_s: float | None = None,
-        priority: int = 0,
-    ) -> None:
-        """`session_id`: the agent session the request belongs to (its KV is kept for the session's next turn,
-        see sessions.py); `kv_retention_s`: how long (None: the engine's guess, 0: not kept); `priority`: lower
-        runs first under the priority policy."""
+    def add_request(self, request: AddRequest) -> None:
+        """Admit a request (see AddRequest for its fields); ValueError if it breaks the engine's rules."""
+        request_id, prompt_token_ids, sampling_params = request.request_id, request.prompt_token_ids, request.params
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         validate_request(self.limits, prompt_token_ids, sampling_params)
-        validate_session(session_id, kv_retention_s, priority)
+        validate_session(request.session_id, request.kv_retention_s, request.priority)
         if sampling_params.structured_outputs is not None:
             self.structured_output.validate(sampling_params.structured_outputs)
         kv_variant = self.model_runner.model.kv_variant(len(prompt_token_ids))
         samples = [
             Request(
                 f"{request_id}#{index}", list(prompt_token_ids), _sample_params(sampling_params, index),
-                self.eos_token_id, self.limits.max_total_tokens, cache_salt=cache_salt, kv_variant=kv_variant,
-                client_request_id=request_id, index=index, session_id=session_id, kv_retention_s=kv_retention_s,
-                priority=priority, arrival_index=self.num_arrivals,
+                self.eos_token_id, self.limits.max_total_tokens, cache_salt=request.cache_salt, kv_variant=kv_variant,
+                client_request_id=request_id, index=index, session_id=request.session_id,
+                kv_retention_s=request.kv_retention_s, priority=request.priority, arrival_index=self.num_arrivals,
             )
             for index in range(sampling_params.n)
         ]
         self.num_arrivals += 1
-        if session_id is not None:
-            self.sessions.on_arrival(session_id)
+        if request.session_id is not None:
+            self.sessions.on_arrival(request.session_id)
         samples[0].pending_forks = samples[1:]
         self.requests[request_id] = samples
         if sampling_params.structured_outputs is not None:

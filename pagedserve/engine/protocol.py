@@ -81,6 +81,14 @@ def validate_session(session_id: str | None, kv_retention_s: float | None, prior
 
 
 class AddRequest(msgspec.Struct, tag=True):
+    """One request, the one record of it from the caller (`LLM`, `AsyncLLM`, a Ray replica) down to the
+    engine core: made by `InputProcessor.make_request`, checked by `validate_request` and `validate_session`.
+
+    `session_id`: the agent session it belongs to (its KV is kept for the session's next turn, see
+    engine/sessions.py); `kv_retention_s`: how long (None: the engine's guess, 0: not kept); `priority`: lower
+    runs first under the priority policy; `cache_salt`: requests with different salts share no cached blocks;
+    `prompt`: the prompt's text when it came as text (for the outputs; the engine reads only the ids)."""
+
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
@@ -88,6 +96,7 @@ class AddRequest(msgspec.Struct, tag=True):
     session_id: str | None = None
     kv_retention_s: float | None = None
     priority: int = 0
+    prompt: str | None = None
 
 
 class AbortRequests(msgspec.Struct, tag=True):

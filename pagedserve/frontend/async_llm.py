@@ -23,7 +23,6 @@ from pagedserve.engine.protocol import (
     EngineStats,
     StopSamples,
     UtilityCall,
-    validate_session,
 )
 from pagedserve.frontend.core_client import ProcessCoreClient, ThreadCoreClient
 from pagedserve.frontend.input_processor import InputProcessor, PromptType
@@ -153,17 +152,17 @@ class AsyncLLM:
         `EngineCore.add_request`.
         """
         await self.start()
-        async for output in self.add_request(prompt, sampling_params, request_id, cache_salt, session_id,
-                                             kv_retention_s, priority):
+        request = self.input_processor.make_request(
+            prompt, sampling_params, request_id, cache_salt=cache_salt, session_id=session_id,
+            kv_retention_s=kv_retention_s, priority=priority)
+        async for output in self.add_request(request):
             yield output
 
-    def add_request(
-        self, prompt: PromptType, params: SamplingParams, request_id: str, cache_salt: str | None = None,
-        session_id: str | None = None, kv_retention_s: float | None = None, priority: int = 0,
-    ) -> AsyncIterator[RequestOutput]:
-        """Admit a request now (validate, tokenize, hand it to the engine) and return its output stream.
+    def add_request(self, request: AddRequest) -> AsyncIterator[RequestOutput]:
+        """Admit a request now (made by `input_processor.make_request`: tokenized and checked) and return its
+        output stream.
 
-        Raises at once, before any output: ValueError for bad input, QueueFullError when the waiting queue is
+        Raises at once, before any output: ValueError for a request id in use, QueueFullError when the waiting queue is
         full, EngineDeadError when the engine is not running. A stream that is never iterated must be
         aborted by the caller (`abort`).
         """
@@ -176,15 +175,13 @@ class AsyncLLM:
                     f"the server is at capacity: {num_waiting} requests are already waiting "
                     f"(--max-waiting-requests {self.max_waiting_requests}); retry later"
                 )
-        validate_session(session_id, kv_retention_s, priority)
-        prompt_text, prompt_token_ids = self.input_processor(prompt, params)
-        state = self.processor.add_request(request_id, prompt_text, prompt_token_ids, params)
+        request_id = request.request_id
+        state = self.processor.add_request(request_id, request.prompt, request.prompt_token_ids, request.params)
         stream: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
         self.streams[request_id] = stream
         try:
             assert self.client is not None
-            self.client.send(AddRequest(request_id, prompt_token_ids, params, cache_salt, session_id, kv_retention_s,
-                                        priority))
+            self.client.send(request)
         except BaseException:  # nothing of it may stay behind (a waiting slot, a stream)
             self.processor.abort_request(request_id)
             self.streams.pop(request_id, None)

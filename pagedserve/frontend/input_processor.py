@@ -2,7 +2,7 @@
 
 from transformers import PreTrainedTokenizerBase
 
-from pagedserve.engine.protocol import ModelLimits, validate_request
+from pagedserve.engine.protocol import AddRequest, ModelLimits, validate_request, validate_session
 from pagedserve.engine.structured_output.backend import choose_backend
 from pagedserve.sampling_params import SamplingParams, check_text
 
@@ -21,6 +21,16 @@ class InputProcessor:
         text, token_ids = self.tokenize(prompt)
         self.validate(token_ids, params)
         return text, token_ids
+
+    def make_request(
+        self, prompt: PromptType, params: SamplingParams, request_id: str, *, cache_salt: str | None = None,
+        session_id: str | None = None, kv_retention_s: float | None = None, priority: int = 0,
+    ) -> AddRequest:
+        """The request's one record, tokenized and checked (ValueError for bad input): what `AsyncLLM`, a remote
+        engine and `LLM` hand on whole. The fields are AddRequest's."""
+        validate_session(session_id, kv_retention_s, priority)
+        text, token_ids = self(prompt, params)
+        return AddRequest(request_id, token_ids, params, cache_salt, session_id, kv_retention_s, priority, text)
 
     def validate(self, token_ids: list[int], params: SamplingParams) -> None:
         if self.limits is None:

@@ -3,34 +3,21 @@
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, cast
 
 from tqdm import tqdm
 
 from pagedserve.config import EngineArgs, create_engine_config
+from pagedserve.engine.core_loop import EngineLoop
 from pagedserve.engine.engine_core import EngineCore
-from pagedserve.engine.protocol import EngineStats, validate_session
+from pagedserve.engine.protocol import AddRequest, EngineCoreRequest, EngineStats, StopSamples
 from pagedserve.frontend.input_processor import InputProcessor, PromptType
-from pagedserve.frontend.output_processor import OutputProcessor, RequestState
+from pagedserve.frontend.output_processor import OutputProcessor
 from pagedserve.frontend.tokenizer import load_tokenizer
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 
 logger = logging.getLogger("pagedserve")
-
-
-@dataclass
-class Submission:
-    """One prompt of an `LLM.generate` call, tokenized and checked, with what goes with it to the engine."""
-
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    cache_salt: str | None = None
-    session_id: str | None = None
-    kv_retention_s: float | None = None
-    priority: int = 0
 
 
 class LLM:
@@ -42,6 +29,7 @@ class LLM:
         self.config = create_engine_config(EngineArgs(model=model, **kwargs))
         self.tokenizer = load_tokenizer(self.config)
         self.engine = EngineCore(self.config)
+        self.loop = EngineLoop(self.engine)
         self.input_processor = InputProcessor(self.tokenizer, self.engine.limits)
         self._next_id = 0
         logger.info("engine ready in %.1f s", time.perf_counter() - start)
@@ -84,16 +72,15 @@ class LLM:
         for name, values in (("sampling params", params), ("priority", priority), ("session_ids", session_ids)):
             if values is not None and len(values) != len(prompts):
                 raise ValueError(f"got {len(prompts)} prompts but {len(values)} {name}")
-        submissions = []
+        requests = []
         for i, (prompt, sp) in enumerate(zip(prompts, params)):  # all checked before any runs
             extra = prompt if isinstance(prompt, dict) else {}
-            text, token_ids = self.input_processor(prompt, sp)
-            submission = Submission(text, token_ids, sp, extra.get("cache_salt"),
-                                    session_ids[i] if session_ids is not None else extra.get("session_id"),
-                                    extra.get("kv_retention_s"), priority[i] if priority is not None else 0)
-            validate_session(submission.session_id, submission.kv_retention_s, submission.priority)
-            submissions.append(submission)
-        return self._run(submissions, use_tqdm)
+            requests.append(self.input_processor.make_request(
+                prompt, sp, str(self._next_id + i), cache_salt=extra.get("cache_salt"),
+                session_id=session_ids[i] if session_ids is not None else extra.get("session_id"),
+                kv_retention_s=extra.get("kv_retention_s"), priority=priority[i] if priority is not None else 0))
+        self._next_id += len(requests)
+        return self._run(requests, use_tqdm)
 
     def chat(
         self,
@@ -117,29 +104,22 @@ class LLM:
         """Release what the engine holds for the session (its kept KV); False if it knows no such session."""
         return self.engine.close_session(session_id)
 
-    def _run(self, submissions: list[Submission], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, requests: list[AddRequest], use_tqdm: bool) -> list[RequestOutput]:
+        """Drive the engine with the server's own loop (EngineLoop), in this thread, until every request ends."""
         processor = OutputProcessor(self.tokenizer)
-        states: list[RequestState] = []
-        try:
-            for s in submissions:
-                request_id = str(self._next_id)
-                self._next_id += 1
-                states.append(processor.add_request(request_id, s.prompt, s.prompt_token_ids, s.params))
-                self.engine.add_request(request_id, s.prompt_token_ids, s.params, s.cache_salt, s.session_id,
-                                        s.kv_retention_s, s.priority)
-        except ValueError:
-            self.engine.abort_requests([s.request_id for s in states])
-            raise
-
+        states = [processor.add_request(r.request_id, r.prompt, r.prompt_token_ids, r.params) for r in requests]
+        messages: list[EngineCoreRequest] = list(requests)
         bar = tqdm(total=len(states), desc="Generating", unit="req", disable=not use_tqdm)
         num_output_tokens = 0
         start = time.perf_counter()
-        while self.engine.has_unfinished_requests():
-            core_outputs = self.engine.step()
+        while messages or self.engine.has_unfinished_requests():
+            out = self.loop.turn(messages)
+            messages = []
+            core_outputs = out.outputs if out is not None else []
             num_output_tokens += sum(len(o.new_token_ids) for o in core_outputs)
             processed = processor.process(core_outputs)
             if processed.to_abort:  # a stop string ended these samples in the front end
-                self.engine.stop_samples(processed.to_abort)
+                messages.append(StopSamples(processed.to_abort))
             for request_id, message in processed.errors:
                 logger.error("request %s failed: %s", request_id, message)
             bar.update(len(processed.finished))

@@ -11,6 +11,7 @@ from engine_utils import Run, assert_all_blocks_free, make_engine, run_all
 
 from pagedserve import LLM
 from pagedserve.engine.engine_core import EngineCore
+from pagedserve.engine.protocol import AddRequest
 from pagedserve.entrypoints.cli import add_engine_args
 from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
 
@@ -65,13 +66,13 @@ def test_mixed_batch_with_shared_prefixes_overlaps_and_matches(llama_dir):
     def script(engine: EngineCore) -> None:
         for i in range(24):
             prompt = random_prompt(rng.randrange(1, 120), seed=i)
-            engine.add_request(f"a{i}", (prefix if i % 2 else []) + prompt, greedy(
-                rng.randrange(1, 40), ignore_eos=i % 3 == 0, logprobs=2 if i % 5 == 0 else None))
+            engine.add_request(AddRequest(f"a{i}", (prefix if i % 2 else []) + prompt, greedy(
+                rng.randrange(1, 40), ignore_eos=i % 3 == 0, logprobs=2 if i % 5 == 0 else None)))
         step_into(engine, 3)
         overlapped_steps.append(len(engine.in_flight))
         for i in range(16):
-            engine.add_request(f"b{i}", prefix + random_prompt(rng.randrange(1, 40), seed=100 + i),
-                               greedy(rng.randrange(1, 30), ignore_eos=True))
+            engine.add_request(AddRequest(f"b{i}", prefix + random_prompt(rng.randrange(1, 40), seed=100 + i),
+                               greedy(rng.randrange(1, 30), ignore_eos=True)))
 
     sync = run_with(llama_dir, script, False, num_kv_blocks=1024)
     rng = random.Random(0)
@@ -87,7 +88,8 @@ def test_mixed_batch_with_shared_prefixes_overlaps_and_matches(llama_dir):
 def test_chunked_prefill(llama_dir):
     def script(engine: EngineCore) -> None:
         for i in range(12):
-            engine.add_request(f"r{i}", random_prompt(10 + 9 * i, seed=i), greedy(5 + 3 * i, ignore_eos=True))
+            engine.add_request(AddRequest(f"r{i}", random_prompt(10 + 9 * i, seed=i),
+                                          greedy(5 + 3 * i, ignore_eos=True)))
 
     assert_same(llama_dir, script, max_num_batched_tokens=32, num_kv_blocks=256)
 
@@ -98,22 +100,22 @@ def test_preemption_in_a_tiny_pool(llama_dir):
     def script(engine: EngineCore) -> None:
         engines.append(engine)
         for i in range(8):
-            engine.add_request(f"r{i}", random_prompt(20 + 3 * i, seed=i), greedy(40, ignore_eos=True))
+            engine.add_request(AddRequest(f"r{i}", random_prompt(20 + 3 * i, seed=i), greedy(40, ignore_eos=True)))
 
     assert_same(llama_dir, script, num_kv_blocks=14, max_num_batched_tokens=64)
     assert all(engine.last_stats.num_preemptions > 0 for engine in engines)
 
 
 def test_stop_token_ids_eos_and_min_tokens(llama_dir):
-    free = run_with(llama_dir, lambda e: [e.add_request(f"r{i}", random_prompt(5 + i, seed=i), greedy(30))
+    free = run_with(llama_dir, lambda e: [e.add_request(AddRequest(f"r{i}", random_prompt(5 + i, seed=i), greedy(30)))
                                           for i in range(10)], False)
     stops = {f"r{i}": free.tokens[(f"r{i}", 0)][min(4, len(free.tokens[(f"r{i}", 0)]) - 1)] for i in range(10)}
 
     def script(engine: EngineCore) -> None:
         for i in range(10):
-            engine.add_request(f"r{i}", random_prompt(5 + i, seed=i),
-                               greedy(30, stop_token_ids=[stops[f"r{i}"]], min_tokens=6 if i % 2 else 0))
-        engine.add_request("eos", [5, 6], greedy(30, stop_token_ids=[engine.eos_token_id]))
+            engine.add_request(AddRequest(f"r{i}", random_prompt(5 + i, seed=i),
+                               greedy(30, stop_token_ids=[stops[f"r{i}"]], min_tokens=6 if i % 2 else 0)))
+        engine.add_request(AddRequest("eos", [5, 6], greedy(30, stop_token_ids=[engine.eos_token_id])))
 
     run = assert_same(llama_dir, script)
     assert any(final.stop_reason is not None for final in run.finals.values())
@@ -122,9 +124,9 @@ def test_stop_token_ids_eos_and_min_tokens(llama_dir):
 def test_seeded_sampling_with_penalties(llama_dir):
     def script(engine: EngineCore) -> None:
         for i in range(10):
-            engine.add_request(f"r{i}", random_prompt(3 + 4 * i, seed=i), SamplingParams(
+            engine.add_request(AddRequest(f"r{i}", random_prompt(3 + 4 * i, seed=i), SamplingParams(
                 temperature=1.0, top_p=0.9, top_k=50, seed=i, max_tokens=25, repetition_penalty=1.2,
-                presence_penalty=0.5, logprobs=1 if i % 2 else None))
+                presence_penalty=0.5, logprobs=1 if i % 2 else None)))
 
     assert_same(llama_dir, script)
 
@@ -134,25 +136,25 @@ def test_a_stopped_requests_id_and_seed_can_come_back(llama_dir):
     step that drains the pipeline schedules nothing, so the same id and seed sample the same tokens again."""
     engine = make_engine(llama_dir, async_scheduling=True)
     prompt = random_prompt(7, seed=1)
-    engine.add_request("s", prompt, SamplingParams(temperature=1.0, seed=5, max_tokens=20, ignore_eos=True))
+    engine.add_request(AddRequest("s", prompt, SamplingParams(temperature=1.0, seed=5, max_tokens=20, ignore_eos=True)))
     first = run_all(engine).tokens[("s", 0)]
     stop = first[3]
     for _ in range(2):
-        engine.add_request("s", prompt, SamplingParams(temperature=1.0, seed=5, max_tokens=20, ignore_eos=True,
-                                                       stop_token_ids=[stop]))
+        engine.add_request(AddRequest("s", prompt, SamplingParams(temperature=1.0, seed=5, max_tokens=20,
+                                                                  ignore_eos=True, stop_token_ids=[stop])))
         run = run_all(engine)
         assert run.tokens[("s", 0)] == first[: first.index(stop) + 1] and run.finals[("s", 0)].stop_reason == stop
 
 
 def test_n_samples_among_plain_requests(llama_dir):
     def script(engine: EngineCore) -> None:
-        engine.add_request("plain0", random_prompt(30, seed=1), greedy(20, ignore_eos=True))
-        engine.add_request("n", random_prompt(40, seed=2), SamplingParams(
-            n=4, temperature=1.0, seed=7, max_tokens=15, ignore_eos=True))
-        engine.add_request("plain1", random_prompt(9, seed=3), greedy(25, ignore_eos=True))
+        engine.add_request(AddRequest("plain0", random_prompt(30, seed=1), greedy(20, ignore_eos=True)))
+        engine.add_request(AddRequest("n", random_prompt(40, seed=2), SamplingParams(
+            n=4, temperature=1.0, seed=7, max_tokens=15, ignore_eos=True)))
+        engine.add_request(AddRequest("plain1", random_prompt(9, seed=3), greedy(25, ignore_eos=True)))
         step_into(engine, 4)
-        engine.add_request("n-late", random_prompt(20, seed=4), SamplingParams(
-            n=3, temperature=1.0, seed=8, max_tokens=10))
+        engine.add_request(AddRequest("n-late", random_prompt(20, seed=4), SamplingParams(
+            n=3, temperature=1.0, seed=8, max_tokens=10)))
 
     run = assert_same(llama_dir, script, num_kv_blocks=128)
     assert len([key for key in run.finals if key[0] == "n"]) == 4
@@ -161,12 +163,12 @@ def test_n_samples_among_plain_requests(llama_dir):
 def test_a_constrained_request_among_plain_ones(llama_dir):
     def script(engine: EngineCore) -> None:
         for i in range(6):
-            engine.add_request(f"r{i}", random_prompt(4 + 5 * i, seed=i), greedy(20, ignore_eos=True))
-        engine.add_request("choice", [5, 6, 7], SamplingParams(
+            engine.add_request(AddRequest(f"r{i}", random_prompt(4 + 5 * i, seed=i), greedy(20, ignore_eos=True)))
+        engine.add_request(AddRequest("choice", [5, 6, 7], SamplingParams(
             temperature=1.0, seed=3, max_tokens=50,
-            structured_outputs=StructuredOutputsParams(choice=["yes", "no", "maybe not"])))
-        engine.add_request("regex", [8, 9], SamplingParams(
-            temperature=0, max_tokens=40, structured_outputs=StructuredOutputsParams(regex=r"[0-9]{3}-[a-z]{2,5}")))
+            structured_outputs=StructuredOutputsParams(choice=["yes", "no", "maybe not"]))))
+        engine.add_request(AddRequest("regex", [8, 9], SamplingParams(
+            temperature=0, max_tokens=40, structured_outputs=StructuredOutputsParams(regex=r"[0-9]{3}-[a-z]{2,5}"))))
 
     run = assert_same(llama_dir, script, structured_outputs_config={"backend": "xgrammar"})
     assert run.finals[("choice", 0)].finish_reason == run.finals[("regex", 0)].finish_reason == "stop"
@@ -179,7 +181,7 @@ def test_aborts_and_stopped_samples_mid_run(llama_dir):
 
     def add_all(engine: EngineCore) -> None:
         for request_id, prompt in prompts.items():
-            engine.add_request(request_id, prompt, greedy(30, ignore_eos=True))
+            engine.add_request(AddRequest(request_id, prompt, greedy(30, ignore_eos=True)))
 
     full = outputs(run_with(llama_dir, add_all, False))
 
@@ -200,11 +202,11 @@ def test_aborts_and_stopped_samples_mid_run(llama_dir):
                 assert (tokens, reason) == full[key][:2]
 
     engine = make_engine(llama_dir, async_scheduling=True)
-    engine.add_request("a", prompts["r2"], greedy(30, ignore_eos=True))
+    engine.add_request(AddRequest("a", prompts["r2"], greedy(30, ignore_eos=True)))
     engine.step()
     engine.step()
     engine.abort_requests(["a"])  # while its next step runs; the same id comes back at once
-    engine.add_request("a", prompts["r3"], greedy(30, ignore_eos=True))
+    engine.add_request(AddRequest("a", prompts["r3"], greedy(30, ignore_eos=True)))
     run = run_all(engine)
     assert run.tokens[("a", 0)] == full[("r3", 0)][0]
 
@@ -218,9 +220,9 @@ def test_a_failing_step_fails_only_its_request(llama_dir, monkeypatch):
 
     def script(engine: EngineCore) -> None:
         for request_id, prompt in prompts.items():
-            engine.add_request(request_id, prompt, greedy(12, ignore_eos=True))
+            engine.add_request(AddRequest(request_id, prompt, greedy(12, ignore_eos=True)))
         step_into(engine, 3)
-        engine.add_request("bad", [5, POISON, 7], greedy(12, ignore_eos=True))
+        engine.add_request(AddRequest("bad", [5, POISON, 7], greedy(12, ignore_eos=True)))
 
     expected = {key: value for key, value in outputs(run_with(llama_dir, script, False)).items() if key[0] != "bad"}
     engines = []
@@ -262,7 +264,7 @@ def test_tiny_max_tokens(llama_dir, max_tokens):
     """Requests that finish at their first or second token: nothing is scheduled past max_tokens."""
     def script(engine: EngineCore) -> None:
         for i in range(5):
-            engine.add_request(f"r{i}", random_prompt(3 + i, seed=i), greedy(max_tokens, ignore_eos=True))
+            engine.add_request(AddRequest(f"r{i}", random_prompt(3 + i, seed=i), greedy(max_tokens, ignore_eos=True)))
 
     run = assert_same(llama_dir, script)
     assert all(len(tokens) == max_tokens for tokens in run.tokens.values())

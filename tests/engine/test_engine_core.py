@@ -4,6 +4,7 @@ import pytest
 
 from pagedserve.config import EngineArgs, create_engine_config
 from pagedserve.engine.engine_core import EngineCore
+from pagedserve.engine.protocol import AddRequest
 from pagedserve.sampling_params import SamplingParams
 
 
@@ -30,8 +31,8 @@ def all_blocks_free(engine: EngineCore) -> bool:
 
 def test_a_failing_step_fails_only_its_requests(engine, monkeypatch):
     params = SamplingParams(max_tokens=4, ignore_eos=True, temperature=0)
-    engine.add_request("a", [5, 6, 7], params)
-    engine.add_request("b", [8, 9], params)
+    engine.add_request(AddRequest("a", [5, 6, 7], params))
+    engine.add_request(AddRequest("b", [8, 9], params))
     real_execute = engine.model_runner.execute
 
     def broken(sched, req_ids):
@@ -44,7 +45,7 @@ def test_a_failing_step_fails_only_its_requests(engine, monkeypatch):
     assert all_blocks_free(engine) and not engine.has_unfinished_requests()
 
     monkeypatch.setattr(engine.model_runner, "execute", real_execute)
-    engine.add_request("c", [5, 6, 7], params)
+    engine.add_request(AddRequest("c", [5, 6, 7], params))
     outputs = run_all(engine)
     assert sum(len(o.new_token_ids) for o in outputs["c"]) == 4 and outputs["c"][-1].finish_reason == "length"
 
@@ -58,7 +59,7 @@ def test_the_request_that_breaks_a_step_fails_alone(engine, monkeypatch):
     params = SamplingParams(max_tokens=6, ignore_eos=True, temperature=0)
     prompts = {f"r{i}": [5 + i, 6, 7 + i, 8] for i in range(5)}
     for request_id, prompt in prompts.items():
-        engine.add_request(request_id, prompt, params)
+        engine.add_request(AddRequest(request_id, prompt, params))
     expected = {k: sum((o.new_token_ids for o in v), []) for k, v in run_all(engine).items()}
 
     model = engine.model_runner.model
@@ -71,9 +72,9 @@ def test_the_request_that_breaks_a_step_fails_alone(engine, monkeypatch):
 
     monkeypatch.setattr(model, "forward", forward)
     for request_id, prompt in prompts.items():
-        engine.add_request(request_id, prompt, params)
+        engine.add_request(AddRequest(request_id, prompt, params))
         if request_id == "r2":
-            engine.add_request("bad", [5, POISON, 7], params)
+            engine.add_request(AddRequest("bad", [5, POISON, 7], params))
     outputs = run_all(engine)
     assert outputs["bad"][-1].finish_reason == "error" and "poisoned batch" in outputs["bad"][-1].error
     assert {k: sum((o.new_token_ids for o in v), []) for k, v in outputs.items() if k != "bad"} == expected
@@ -82,7 +83,7 @@ def test_the_request_that_breaks_a_step_fails_alone(engine, monkeypatch):
 
 
 def test_abort_mid_generation_frees_blocks(engine):
-    engine.add_request("a", list(range(5, 60)), SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.add_request(AddRequest("a", list(range(5, 60)), SamplingParams(max_tokens=50, ignore_eos=True)))
     engine.step()
     assert not all_blocks_free(engine)
     engine.abort_requests(["a", "never-existed"])
@@ -90,16 +91,16 @@ def test_abort_mid_generation_frees_blocks(engine):
 
 
 def test_duplicate_request_id_is_rejected(engine):
-    engine.add_request("a", [5], SamplingParams())
+    engine.add_request(AddRequest("a", [5], SamplingParams()))
     with pytest.raises(ValueError, match="already in use"):
-        engine.add_request("a", [6], SamplingParams())
+        engine.add_request(AddRequest("a", [6], SamplingParams()))
 
 
 def test_prompt_larger_than_the_pool_is_rejected(llama_dir):
     engine = EngineCore(create_engine_config(EngineArgs(llama_dir, dtype="float32", max_model_len=512,
                                                         num_kv_blocks=4)))
     with pytest.raises(ValueError, match="KV cache holds 64"):
-        engine.add_request("big", list(range(5, 105)), SamplingParams(max_tokens=4))
+        engine.add_request(AddRequest("big", list(range(5, 105)), SamplingParams(max_tokens=4)))
     assert not engine.has_unfinished_requests() and all_blocks_free(engine)
 
 
@@ -107,7 +108,7 @@ def test_generation_stops_at_pool_capacity(llama_dir):
     """With a pool smaller than max_model_len, a lone request grows to the pool's size and stops there."""
     engine = EngineCore(create_engine_config(EngineArgs(llama_dir, dtype="float32", max_model_len=512,
                                                         num_kv_blocks=4, block_size=16)))
-    engine.add_request("a", [5, 6, 7], SamplingParams(max_tokens=None, ignore_eos=True))
+    engine.add_request(AddRequest("a", [5, 6, 7], SamplingParams(max_tokens=None, ignore_eos=True)))
     outputs = run_all(engine)
     assert sum(len(o.new_token_ids) for o in outputs["a"]) == 64 - 3
     assert outputs["a"][-1].finish_reason == "length" and all_blocks_free(engine)

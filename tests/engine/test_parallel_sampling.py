@@ -8,6 +8,7 @@ import pytest
 from engine_utils import Run, assert_all_blocks_free, make_engine, run_all
 
 from pagedserve.engine.engine_core import EngineCore
+from pagedserve.engine.protocol import AddRequest
 from pagedserve.sampling_params import SamplingParams
 
 SEED = 11
@@ -30,7 +31,7 @@ def reference_engine(llama_dir) -> EngineCore:
 def single_references(engine: EngineCore, prompt: list[int], n: int, **kwargs) -> tuple[list[list[int]], Run]:
     """What n separate n=1 requests seeded SEED + i sample, run together."""
     for i in range(n):
-        engine.add_request(f"single{i}", prompt, sampled(seed=SEED + i, **kwargs))
+        engine.add_request(AddRequest(f"single{i}", prompt, sampled(seed=SEED + i, **kwargs)))
     run = run_all(engine)
     return [run.tokens[(f"single{i}", 0)] for i in range(n)], run
 
@@ -42,7 +43,7 @@ def test_n_samples_share_the_prompt_and_equal_seeded_single_requests(llama_dir, 
     prompt = random_prompt(prompt_len)
     expected, singles = single_references(reference_engine, prompt, 4)
     engine = make_engine(llama_dir, enable_prefix_caching=caching)
-    engine.add_request("a", prompt, sampled(n=4))
+    engine.add_request(AddRequest("a", prompt, sampled(n=4)))
     run = run_all(engine)
     assert [run.tokens[("a", i)] for i in range(4)] == expected
     assert set(run.tokens) == {("a", i) for i in range(4)}
@@ -58,8 +59,8 @@ def test_n_samples_share_the_prompt_and_equal_seeded_single_requests(llama_dir, 
 
 def test_n_samples_with_chunked_prefill_and_unseeded_sampling(llama_dir):
     engine = make_engine(llama_dir, max_num_batched_tokens=16)
-    engine.add_request("a", random_prompt(50), sampled(n=3, seed=None, max_tokens=6))
-    engine.add_request("b", random_prompt(20, seed=1), sampled(n=2, seed=None, max_tokens=6))
+    engine.add_request(AddRequest("a", random_prompt(50), sampled(n=3, seed=None, max_tokens=6)))
+    engine.add_request(AddRequest("b", random_prompt(20, seed=1), sampled(n=2, seed=None, max_tokens=6)))
     run = run_all(engine)
     assert sorted(run.tokens) == [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1)]
     assert all(len(tokens) == 6 and all(0 <= t < 512 for t in tokens) for tokens in run.tokens.values())
@@ -71,7 +72,7 @@ def test_samples_stop_on_their_own(llama_dir, reference_engine):
     # A stop token that one sample draws early and another never draws.
     stop = next(t for t in expected[1][1:6] if t not in expected[0])
     engine = make_engine(llama_dir)
-    engine.add_request("a", prompt, sampled(n=4, max_tokens=12, stop_token_ids=[stop]))
+    engine.add_request(AddRequest("a", prompt, sampled(n=4, max_tokens=12, stop_token_ids=[stop])))
     run = run_all(engine)
     for i, tokens in enumerate(expected):
         cut = tokens.index(stop) + 1 if stop in tokens else len(tokens)
@@ -87,7 +88,7 @@ def test_preempted_samples_resume_and_still_equal_seeded_single_requests(llama_d
     expected, _ = single_references(reference_engine, prompt, 4, max_tokens=30)
     # 4 samples of 70 tokens need 2 shared + 4 x 3 blocks: 10 do not hold them
     engine = make_engine(llama_dir, enable_prefix_caching=caching, num_kv_blocks=10)
-    engine.add_request("a", prompt, sampled(n=4, max_tokens=30))
+    engine.add_request(AddRequest("a", prompt, sampled(n=4, max_tokens=30)))
     run = run_all(engine)
     assert engine.stats().num_preemptions > 0
     assert [run.tokens[("a", i)] for i in range(4)] == expected
@@ -107,7 +108,7 @@ def test_abort_requests_aborts_every_sample_at_any_stage(llama_dir):
     prompt = random_prompt(40)
     for stage in ("waiting", "mid-prefill", "forked", "decoding"):
         run = Run()
-        engine.add_request("a", prompt, sampled(n=3, max_tokens=20))
+        engine.add_request(AddRequest("a", prompt, sampled(n=3, max_tokens=20)))
         if stage == "mid-prefill":
             step_until(engine, run, lambda _: bool(engine.kv_cache_manager.req_blocks.get("a#0")))
         elif stage == "forked":
@@ -123,7 +124,7 @@ def test_abort_one_sample_and_the_others_go_on(llama_dir, reference_engine):
     prompt = random_prompt(40)
     expected, _ = single_references(reference_engine, prompt, 4, max_tokens=12)
     engine = make_engine(llama_dir)
-    engine.add_request("a", prompt, sampled(n=4, max_tokens=12))
+    engine.add_request(AddRequest("a", prompt, sampled(n=4, max_tokens=12)))
     run = Run()
     step_until(engine, run, lambda run: all(len(run.tokens.get(("a", i), ())) >= 3 for i in range(4)))
     engine.stop_samples([("a", 2), ("a", 7), ("nope", 0)])
@@ -137,7 +138,7 @@ def test_aborting_the_first_sample_before_the_fork_hands_the_prompt_to_the_next(
     prompt = random_prompt(40)
     expected, _ = single_references(reference_engine, prompt, 3)
     engine = make_engine(llama_dir, max_num_batched_tokens=16)
-    engine.add_request("a", prompt, sampled(n=3))
+    engine.add_request(AddRequest("a", prompt, sampled(n=3)))
     engine.step()  # the first sample is mid-prefill
     engine.stop_samples([("a", 0)])
     run = run_all(engine)
@@ -147,8 +148,8 @@ def test_aborting_the_first_sample_before_the_fork_hands_the_prompt_to_the_next(
 
 def test_samples_take_seats_under_max_num_seqs(llama_dir):
     engine = make_engine(llama_dir, max_num_seqs=4)
-    engine.add_request("a", random_prompt(20), sampled(n=3))
-    engine.add_request("b", random_prompt(20, seed=1), sampled(n=2))
+    engine.add_request(AddRequest("a", random_prompt(20), sampled(n=3)))
+    engine.add_request(AddRequest("b", random_prompt(20, seed=1), sampled(n=2)))
     run = Run()
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -162,9 +163,9 @@ def test_samples_take_seats_under_max_num_seqs(llama_dir):
 def test_bad_n_requests_are_value_errors(llama_dir):
     engine = make_engine(llama_dir, max_num_seqs=4)
     with pytest.raises(ValueError, match="max_num_seqs"):
-        engine.add_request("a", [5, 6], sampled(n=5))
+        engine.add_request(AddRequest("a", [5, 6], sampled(n=5)))
     with pytest.raises(ValueError, match="seed"):
-        engine.add_request("b", [5, 6], sampled(n=2, seed=2**64 - 1))
+        engine.add_request(AddRequest("b", [5, 6], sampled(n=2, seed=2**64 - 1)))
     assert not engine.has_unfinished_requests()
     assert_all_blocks_free(engine)
 
@@ -176,7 +177,7 @@ def test_every_sample_reports_an_error_the_prompt_had(llama_dir, monkeypatch):
         raise RuntimeError("kernel exploded")
 
     monkeypatch.setattr(engine.model_runner, "execute", broken)
-    engine.add_request("a", random_prompt(10), sampled(n=3))
+    engine.add_request(AddRequest("a", random_prompt(10), sampled(n=3)))
     run = run_all(engine)
     assert sorted(run.finals) == [("a", 0), ("a", 1), ("a", 2)]
     assert all("kernel exploded" in out.error for out in run.finals.values())

@@ -8,6 +8,7 @@ from conftest import ARCHITECTURES
 from engine_utils import Run, make_engine, run_all
 
 from pagedserve.engine.engine_core import EngineCore
+from pagedserve.engine.protocol import AddRequest
 from pagedserve.sampling_params import SamplingParams
 
 BS = 16
@@ -39,7 +40,7 @@ def generate(engine: EngineCore, waves: list[dict[str, list[int]]], steps_betwee
     run = Run()
     for wave in waves:
         for request_id, prompt in wave.items():
-            engine.add_request(request_id, prompt, GREEDY)
+            engine.add_request(AddRequest(request_id, prompt, GREEDY))
         for _ in range(steps_between):
             for out in engine.step():
                 run.add(out)
@@ -84,14 +85,14 @@ def test_a_preempted_request_resumes_from_its_own_cached_blocks(llama_dir):
 
     def generate_all(engine: EngineCore) -> Run:
         for request_id, prompt in prompts.items():
-            engine.add_request(request_id, prompt, params)
+            engine.add_request(AddRequest(request_id, prompt, params))
         return run_all(engine)
 
     reference = generate_all(make_engine(llama_dir, enable_prefix_caching=False, num_kv_blocks=12))
     engine = make_engine(llama_dir, enable_prefix_caching=True, num_kv_blocks=12)
     run = Run()
     for request_id, prompt in prompts.items():
-        engine.add_request(request_id, prompt, params)
+        engine.add_request(AddRequest(request_id, prompt, params))
     resumed_hits = {}
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -114,9 +115,9 @@ def test_lru_eviction_under_a_small_pool_keeps_in_use_blocks_and_outputs(llama_d
 
     def drive(engine: EngineCore) -> Run:
         run = Run()
-        engine.add_request("long", long_prompt, long_params)
+        engine.add_request(AddRequest("long", long_prompt, long_params))
         for i, prompt in enumerate(short_prompts):
-            engine.add_request(f"short{i}", prompt, GREEDY)
+            engine.add_request(AddRequest(f"short{i}", prompt, GREEDY))
             run_until_finished(engine, run, (f"short{i}", 0))
         return run_all(engine, run)
 
@@ -126,7 +127,7 @@ def test_lru_eviction_under_a_small_pool_keeps_in_use_blocks_and_outputs(llama_d
     assert engine.stats().num_preemptions == 0  # eviction only: no request lost a block it was using
 
     def hits(prompt: list[int]) -> int:
-        engine.add_request("probe", prompt, GREEDY)
+        engine.add_request(AddRequest("probe", prompt, GREEDY))
         return run_all(engine).firsts[("probe", 0)].num_cached_tokens
 
     assert hits(short_prompts[-1]) == 32  # the most recently freed survive
@@ -140,7 +141,7 @@ def test_different_cache_salts_never_share_blocks(llama_dir):
     runs = {}
     for request_id, salt in [("alice", "alice"), ("bob", "bob"), ("nobody", None), ("alice-again", "alice"),
                              ("nobody-again", None)]:
-        engine.add_request(request_id, prompt, GREEDY, cache_salt=salt)
+        engine.add_request(AddRequest(request_id, prompt, GREEDY, cache_salt=salt))
         runs[request_id] = run_all(engine)
     hits = {request_id: run.firsts[(request_id, 0)].num_cached_tokens for request_id, run in runs.items()}
     assert hits == {"alice": 0, "bob": 0, "nobody": 0, "alice-again": 32, "nobody-again": 32}
@@ -150,14 +151,14 @@ def test_different_cache_salts_never_share_blocks(llama_dir):
 def test_reset_prefix_cache_is_refused_while_blocks_are_in_use(llama_dir):
     engine = make_engine(llama_dir, enable_prefix_caching=True)
     prompt = random_tokens(random.Random(4), 40)
-    engine.add_request("a", prompt, GREEDY)
+    engine.add_request(AddRequest("a", prompt, GREEDY))
     run_all(engine)
-    engine.add_request("b", prompt, GREEDY)
+    engine.add_request(AddRequest("b", prompt, GREEDY))
     engine.step()
     assert engine.reset_prefix_cache() is False  # b holds cached blocks
     assert run_all(engine).finals[("b", 0)].num_cached_tokens == 32  # the refused reset changed nothing
     assert engine.reset_prefix_cache() is True
-    engine.add_request("c", prompt, GREEDY)
+    engine.add_request(AddRequest("c", prompt, GREEDY))
     assert run_all(engine).finals[("c", 0)].num_cached_tokens == 0
 
 
@@ -170,10 +171,10 @@ def test_blocks_of_a_failed_step_are_not_served_as_hits(llama_dir, monkeypatch):
         raise RuntimeError("kernel exploded")
 
     monkeypatch.setattr(engine.model_runner, "execute", broken)
-    engine.add_request("a", prompt, GREEDY)
+    engine.add_request(AddRequest("a", prompt, GREEDY))
     assert run_all(engine).finals[("a", 0)].finish_reason == "error"
     monkeypatch.setattr(engine.model_runner, "execute", real_execute)
-    engine.add_request("b", prompt, GREEDY)
+    engine.add_request(AddRequest("b", prompt, GREEDY))
     assert run_all(engine).finals[("b", 0)].num_cached_tokens == 0
 
 
@@ -183,13 +184,13 @@ def test_longrope_long_and_short_prompts_never_share_blocks(checkpoints):
     prefix = random_tokens(random.Random(5), 64)
     long_prompt = prefix + random_tokens(random.Random(6), 40)
     cached = make_engine(checkpoints["phi3"], enable_prefix_caching=True)
-    cached.add_request("short", prefix, GREEDY)
+    cached.add_request(AddRequest("short", prefix, GREEDY))
     assert run_all(cached).firsts[("short", 0)].num_cached_tokens == 0
-    cached.add_request("long", long_prompt, GREEDY)
+    cached.add_request(AddRequest("long", long_prompt, GREEDY))
     with_cache = run_all(cached)
     assert with_cache.firsts[("long", 0)].num_cached_tokens == 0
-    cached.add_request("long-again", long_prompt, GREEDY)  # same variant: shares
+    cached.add_request(AddRequest("long-again", long_prompt, GREEDY))  # same variant: shares
     assert run_all(cached).firsts[("long-again", 0)].num_cached_tokens == 96
     uncached = make_engine(checkpoints["phi3"], enable_prefix_caching=False)
-    uncached.add_request("long", long_prompt, GREEDY)
+    uncached.add_request(AddRequest("long", long_prompt, GREEDY))
     assert with_cache.tokens[("long", 0)] == run_all(uncached).tokens[("long", 0)]

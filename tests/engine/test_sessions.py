@@ -8,6 +8,7 @@ from engine_utils import assert_all_blocks_free, make_engine, pretend_step, run_
 
 from pagedserve import LLM
 from pagedserve.engine.kv_cache_manager import KVCacheManager
+from pagedserve.engine.protocol import AddRequest
 from pagedserve.engine.request import Request
 from pagedserve.engine.scheduler import Scheduler, make_policy
 from pagedserve.sampling_params import SamplingParams
@@ -41,7 +42,7 @@ def engine_with_clock(llama_dir, clock, **kwargs):
 
 
 def turn(engine, request_id, token_ids, session_id=None, **kwargs):
-    engine.add_request(request_id, token_ids, GREEDY, session_id=session_id, **kwargs)
+    engine.add_request(AddRequest(request_id, token_ids, GREEDY, session_id=session_id, **kwargs))
     run = run_all(engine, leases=True)
     return run.tokens[(request_id, 0)], run.firsts[(request_id, 0)].num_cached_tokens
 
@@ -49,7 +50,7 @@ def turn(engine, request_id, token_ids, session_id=None, **kwargs):
 def fill_the_pool(engine, seed):
     """Requests of no session that take (and leave in LRU cache) every free block."""
     free_tokens = engine.stats().num_kv_blocks_free * BS
-    engine.add_request(f"filler-{seed}", prompt(free_tokens - 8, seed), GREEDY)
+    engine.add_request(AddRequest(f"filler-{seed}", prompt(free_tokens - 8, seed), GREEDY))
     run_all(engine, leases=True)
 
 
@@ -107,8 +108,8 @@ def test_pressure_evicts_leases_before_preempting(llama_dir, clock):
     for i in range(3):
         turn(engine, f"s{i}-t1", prompt(60, i), f"s{i}")  # 67 tokens computed: 4 full blocks leased each
     assert engine.stats().num_blocks_leased == 12
-    engine.add_request("big", prompt(200, 9), GREEDY)  # 13 blocks, growing to 14: more than the 4 free
-    engine.add_request("small", prompt(10, 8), GREEDY)
+    engine.add_request(AddRequest("big", prompt(200, 9), GREEDY))  # 13 blocks, growing to 14: more than the 4 free
+    engine.add_request(AddRequest("small", prompt(10, 8), GREEDY))
     run = run_all(engine, leases=True)
     stats = engine.stats()
     assert len(run.tokens[("big", 0)]) == 8 and len(run.tokens[("small", 0)]) == 8
@@ -120,7 +121,7 @@ def test_pressure_evicts_leases_before_preempting(llama_dir, clock):
 
 def test_aborted_and_failed_requests_leave_no_lease(llama_dir, clock, monkeypatch):
     engine = engine_with_clock(llama_dir, clock)
-    engine.add_request("a", prompt(40, 1), SamplingParams(max_tokens=50, ignore_eos=True), session_id="s")
+    engine.add_request(AddRequest("a", prompt(40, 1), SamplingParams(max_tokens=50, ignore_eos=True), session_id="s"))
     engine.step()
     engine.abort_requests(["a"])
     assert engine.stats().num_session_leases == 0
@@ -129,7 +130,7 @@ def test_aborted_and_failed_requests_leave_no_lease(llama_dir, clock, monkeypatc
         raise RuntimeError("kernel exploded")
 
     monkeypatch.setattr(engine.model_runner, "execute", broken)
-    engine.add_request("b", prompt(40, 2), GREEDY, session_id="s")
+    engine.add_request(AddRequest("b", prompt(40, 2), GREEDY, session_id="s"))
     run_all(engine, leases=True)
     assert engine.stats().num_session_leases == 0
     engine.close_session("s")
@@ -146,8 +147,8 @@ def test_outputs_are_the_same_with_leases_on_and_off(llama_dir, clock):
         tokens = {}
         for t in range(4):
             for session_id, history in histories.items():
-                engine.add_request(f"{session_id}-{t}", history, GREEDY, session_id=session_id,
-                                   kv_retention_s=retention)
+                engine.add_request(AddRequest(f"{session_id}-{t}", history, GREEDY, session_id=session_id,
+                                   kv_retention_s=retention))
             run = run_all(engine, leases=True)
             for session_id in histories:
                 out = run.tokens[(f"{session_id}-{t}", 0)]

@@ -12,6 +12,7 @@ import torch
 from engine_utils import assert_all_blocks_free, make_engine, run_all
 
 from pagedserve import LLM
+from pagedserve.engine.protocol import AddRequest
 from pagedserve.engine.request import RequestStatus
 from pagedserve.engine.structured_output.backend import backend_class, choose_backend
 from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
@@ -139,7 +140,7 @@ def test_invalid_constraints_raise_value_error_naming_the_problem(llama_dir, bac
         with pytest.raises(ValueError, match=message):
             llm.generate(["fine", "bad"], [SamplingParams(), constrained(**constraint)], use_tqdm=False)
         with pytest.raises(ValueError, match=message):
-            llm.engine.add_request("r", [5, 6], constrained(**constraint))
+            llm.engine.add_request(AddRequest("r", [5, 6], constrained(**constraint)))
     for constraints in ({}, dict(regex="a", choice=["a"])):
         with pytest.raises(ValueError, match="exactly one of json, regex, choice"):
             SamplingParams(structured_outputs=constraints)
@@ -195,13 +196,13 @@ def test_constrained_request_leaves_greedy_neighbours_unchanged(llama_dir, backe
     engine = make_engine(llama_dir, structured_outputs_config={"backend": backend})
     prompts = {"a": [5, 6, 7, 8], "b": [9, 10, 11]}
     for request_id, prompt in prompts.items():
-        engine.add_request(request_id, prompt, greedy)
+        engine.add_request(AddRequest(request_id, prompt, greedy))
     alone = run_all(engine).tokens
     for request_id, prompt in prompts.items():
-        engine.add_request(request_id, prompt, greedy)
-    engine.add_request("c", [5, 6, 7, 8], constrained(json=PERSON))
-    engine.add_request("d", [12, 13], SamplingParams(temperature=0, max_tokens=40,
-                                                     structured_outputs=StructuredOutputsParams(regex=REGEX)))
+        engine.add_request(AddRequest(request_id, prompt, greedy))
+    engine.add_request(AddRequest("c", [5, 6, 7, 8], constrained(json=PERSON)))
+    engine.add_request(AddRequest("d", [12, 13], SamplingParams(temperature=0, max_tokens=40,
+                                                     structured_outputs=StructuredOutputsParams(regex=REGEX))))
     together = run_all(engine)
     assert together.tokens[("a", 0)] == alone[("a", 0)] and together.tokens[("b", 0)] == alone[("b", 0)]
     assert together.finals[("c", 0)].finish_reason == together.finals[("d", 0)].finish_reason == "stop"
@@ -209,8 +210,8 @@ def test_constrained_request_leaves_greedy_neighbours_unchanged(llama_dir, backe
 
 def test_grammar_end_finishes_with_stop_even_when_ignoring_eos(llama_dir):
     engine = make_engine(llama_dir)
-    engine.add_request("a", [5, 6], SamplingParams(temperature=1.0, seed=3, max_tokens=50, ignore_eos=True,
-                                                   structured_outputs=StructuredOutputsParams(choice=CHOICES)))
+    engine.add_request(AddRequest("a", [5, 6], SamplingParams(temperature=1.0, seed=3, max_tokens=50, ignore_eos=True,
+                                                   structured_outputs=StructuredOutputsParams(choice=CHOICES))))
     run = run_all(engine)
     final = run.finals[("a", 0)]
     assert final.finish_reason == "stop" and run.tokens[("a", 0)][-1] == engine.eos_token_id
@@ -226,8 +227,8 @@ def test_a_request_waits_for_its_grammar_while_others_run(llama_dir, monkeypatch
         return compile_(self, params)
 
     monkeypatch.setattr(backend_class("xgrammar"), "compile", slow_compile)
-    engine.add_request("constrained", [5, 6, 7], constrained(seed=1, choice=CHOICES, n=2))
-    engine.add_request("free", [8, 9], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    engine.add_request(AddRequest("constrained", [5, 6, 7], constrained(seed=1, choice=CHOICES, n=2)))
+    engine.add_request(AddRequest("free", [8, 9], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)))
     waiting = engine.requests["constrained"][0]
     for _ in range(3):
         outputs = engine.step()
@@ -245,8 +246,8 @@ def test_a_grammar_that_fails_to_compile_fails_its_request(llama_dir, monkeypatc
         raise RuntimeError("out of grammar memory")
 
     monkeypatch.setattr(backend_class("xgrammar"), "compile", broken)
-    engine.add_request("bad", [5, 6], constrained(seed=1, regex="a+", n=2))
-    engine.add_request("fine", [5, 6], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    engine.add_request(AddRequest("bad", [5, 6], constrained(seed=1, regex="a+", n=2)))
+    engine.add_request(AddRequest("fine", [5, 6], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)))
     run = run_all(engine)
     for i in range(2):
         assert run.finals[("bad", i)].finish_reason == "error"
@@ -256,7 +257,7 @@ def test_a_grammar_that_fails_to_compile_fails_its_request(llama_dir, monkeypatc
 
 def test_abort_while_compiling_leaks_nothing(llama_dir):
     engine = make_engine(llama_dir)
-    engine.add_request("a", [5, 6], constrained(regex=REGEX, n=3))
+    engine.add_request(AddRequest("a", [5, 6], constrained(regex=REGEX, n=3)))
     engine.stop_samples([("a", 0)])  # its successor waits for the same grammar
     assert engine.requests["a"][0].status == RequestStatus.WAITING_FOR_GRAMMAR
     engine.abort_requests(["a"])
@@ -276,7 +277,7 @@ def test_preemption_chunked_prefill_and_prefix_caching_keep_the_grammar_state(ll
     def run(**engine_args):
         engine = make_engine(llama_dir, structured_outputs_config={"backend": backend}, **engine_args)
         for i, (request_id, prompt) in enumerate(prompts.items()):
-            engine.add_request(request_id, prompt, constrained(seed=i, max_tokens=60, **kinds[i % 3]))
+            engine.add_request(AddRequest(request_id, prompt, constrained(seed=i, max_tokens=60, **kinds[i % 3])))
         return engine, run_all(engine)
 
     _, roomy = run(enable_prefix_caching=False)
@@ -302,7 +303,7 @@ def test_a_compile_that_takes_too_long_fails_its_request(llama_dir, monkeypatch)
     monkeypatch.setattr(backend_class("xgrammar"), "compile", lambda self, params: release.wait(10)
                         and compile_(self, params))
     monkeypatch.setattr(manager, "COMPILE_TIMEOUT_S", 0.0)
-    engine.add_request("slow", [5, 6], constrained(regex=REGEX))
+    engine.add_request(AddRequest("slow", [5, 6], constrained(regex=REGEX)))
     run = run_all(engine)
     release.set()
     assert run.finals[("slow", 0)].finish_reason == "error"

@@ -22,6 +22,7 @@ from ray.exceptions import ActorDiedError, RayTaskError  # noqa: E402
 
 from pagedserve import LLM, SamplingParams  # noqa: E402
 from pagedserve.engine.kv_cache_manager import KVCacheManager  # noqa: E402
+from pagedserve.engine.protocol import AddRequest  # noqa: E402
 from pagedserve.engine.request import Request  # noqa: E402
 from pagedserve.entrypoints.ray_serve.router import (  # noqa: E402
     PrefixIndex,
@@ -35,7 +36,7 @@ from pagedserve.outputs import RequestOutput  # noqa: E402
 
 
 def request(token_ids: list[int], session: str | None = None, salt: str | None = None) -> ReplicaRequest:
-    return ReplicaRequest(token_ids, None, SamplingParams(max_tokens=1), "r", cache_salt=salt, session_id=session)
+    return ReplicaRequest(AddRequest("r", token_ids, SamplingParams(max_tokens=1), cache_salt=salt, session_id=session))
 
 
 def route(policy: RoutingPolicy, replicas: list[str], req: ReplicaRequest,
@@ -261,13 +262,18 @@ def remote_engine(llama_dir: str, responses: list[FakeResponse]):
     return engine
 
 
+def admit(engine, token_ids: list[int], request_id: str, **kwargs):
+    request = engine.input_processor.make_request({"prompt_token_ids": token_ids}, SamplingParams(max_tokens=3),
+                                                  request_id, **kwargs)
+    return engine.add_request(request)
+
+
 async def collect(engine, served_by=None) -> list:
     from pagedserve.entrypoints.ray_serve.remote_engine import SERVED_BY
 
     if served_by is not None:
         SERVED_BY.set(served_by)
-    stream = engine.add_request({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=3), "req-1",
-                                session_id="s")
+    stream = admit(engine, [5, 6, 7], "req-1", session_id="s")
     return [output async for output in stream]
 
 
@@ -282,8 +288,8 @@ def test_a_request_whose_replica_died_before_it_started_goes_to_another(llama_di
 
     outputs = asyncio.run(run())
     assert len(outputs) == 3 and outputs[-1].finished
-    assert [r.session_id for r in engine.handle.requests] == ["s", "s"]  # sent twice, the same request
-    assert engine.handle.requests[0].prompt_token_ids == [5, 6, 7]
+    assert [r.request.session_id for r in engine.handle.requests] == ["s", "s"]  # sent twice, the same request
+    assert engine.handle.requests[0].request.prompt_token_ids == [5, 6, 7]
     assert served_by.replicas == ["b"] and served_by.known.is_set()
     assert not engine.responses and not engine.failures  # nothing left behind
 
@@ -328,7 +334,7 @@ def test_end_requests_ends_open_streams_at_once(llama_dir):
     engine = remote_engine(llama_dir, [response])
 
     async def run() -> list:
-        stream = engine.add_request({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=3), "req-1")
+        stream = admit(engine, [5, 6, 7], "req-1")
         first = await stream.__anext__()
         engine.end_requests("the server is shutting down")
         with pytest.raises(EngineDeadError, match="shutting down"):
@@ -345,7 +351,7 @@ def test_abort_cancels_the_replicas_stream(llama_dir):
     engine = remote_engine(llama_dir, [response])
 
     async def run() -> None:
-        stream = engine.add_request({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=3), "req-1")
+        stream = admit(engine, [5, 6, 7], "req-1")
         await stream.__anext__()
         engine.abort("req-1")
 
@@ -356,7 +362,7 @@ def test_abort_cancels_the_replicas_stream(llama_dir):
 def test_bad_input_is_refused_before_any_replica_sees_it(llama_dir):
     engine = remote_engine(llama_dir, [])
     with pytest.raises(ValueError):
-        engine.add_request({"prompt_token_ids": [5, 9999]}, SamplingParams(max_tokens=3), "req-1")
+        admit(engine, [5, 9999], "req-1")
     assert engine.handle.requests == []
 
 
@@ -400,7 +406,7 @@ def test_health_follows_the_replicas(llama_dir, monkeypatch):
 
     assert "no replica is running" in asyncio.run(watch([dead, dead]))
     with pytest.raises(module.EngineDeadError):  # what the server answers with a 503
-        engine.add_request({"prompt_token_ids": [5, 6]}, SamplingParams(max_tokens=3), "req-2")
+        admit(engine, [5, 6], "req-2")
     assert asyncio.run(watch([dead, None])) is None  # Ray Serve restarted one
 
 

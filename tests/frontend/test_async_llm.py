@@ -133,7 +133,8 @@ def test_a_request_that_cannot_be_sent_leaves_nothing_behind(args):
             engine.client.send = broken
             for i in range(5):
                 with pytest.raises(OverflowError):
-                    engine.add_request("x", SamplingParams(max_tokens=2), f"r{i}")
+                    request = engine.input_processor.make_request("x", SamplingParams(max_tokens=2), f"r{i}")
+                    engine.add_request(request)
             assert engine.num_unfinished_requests == 0 and not engine.streams
             engine.client.send = real_send
             outputs = [out async for out in engine.generate("x", SamplingParams(max_tokens=2), "ok")]

@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import pagedserve
 from pagedserve.frontend.async_llm import AsyncLLM, EngineDeadError, QueueFullError
+from pagedserve.frontend.engine_client import EngineClient
 
 from .protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, error_body
 from .serving import ContextLengthError, EngineFault, ServingOptions
@@ -132,7 +133,7 @@ _GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def build_app(engine: AsyncLLM, options: ServingOptions, api_key: str | None = None,
+def build_app(engine: EngineClient, options: ServingOptions, api_key: str | None = None,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     completion_serving = CompletionServing(engine, options)
     chat_serving = ChatServing(engine, options)

@@ -15,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
-from pagedserve.frontend.async_llm import AsyncLLM
+from pagedserve.engine.protocol import AddRequest, validate_session
+from pagedserve.frontend.engine_client import EngineClient
 from pagedserve.outputs import CompletionOutput, RequestOutput
 from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
 
@@ -100,7 +101,7 @@ async def merge(iterators: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncLLM, options: ServingOptions) -> None:
+    def __init__(self, engine: EngineClient, options: ServingOptions) -> None:
         self.engine = engine
         self.options = options
         self.model_name = options.model_name
@@ -115,6 +116,7 @@ class OpenAIServing:
                 structured_outputs: StructuredOutputsParams | None = None) -> list[tuple[dict, SamplingParams]]:
         """Tokenize and validate every prompt (on the text thread); ValueError (-> 400) before anything reaches
         the engine."""
+        validate_session(request.session_id, request.kv_retention_s, request.priority)
         defaults = self.engine.config.generation_defaults
         prepared = []
         for prompt in prompts:
@@ -138,9 +140,9 @@ class OpenAIServing:
         try:
             for i, (prompt, params) in enumerate(prepared):
                 engine_id = f"{request_id}-{i}" if len(prepared) > 1 else request_id
-                admitted.streams.append(self.engine.add_request(
-                    prompt, params, engine_id, request.cache_salt, request.session_id, request.kv_retention_s,
-                    request.priority))
+                admitted.streams.append(self.engine.add_request(AddRequest(
+                    engine_id, prompt["prompt_token_ids"], params, request.cache_salt, request.session_id,
+                    request.kv_retention_s, request.priority, prompt["prompt"])))
                 admitted.engine_ids.append(engine_id)
         except BaseException:
             self.abort(admitted)

@@ -71,6 +71,6 @@ class OpenAIIngress:
         self.max_body_bytes = max_body_bytes
 
     def __serve_build_asgi_app__(self) -> ASGIApp:
-        app = build_app(self.engine, self.options, self.api_key, self.max_body_bytes)  # type: ignore[arg-type]
+        app = build_app(self.engine, self.options, self.api_key, self.max_body_bytes)
         app.add_middleware(ReplicaHeader, metrics=self.engine.metrics)
         return app

@@ -20,12 +20,11 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 from ray.serve.handle import DeploymentHandle
 
 from pagedserve.config import EngineArgs, EngineConfig, create_engine_config
-from pagedserve.engine.protocol import validate_session
+from pagedserve.engine.protocol import AddRequest
 from pagedserve.frontend.async_llm import EngineDeadError, QueueFullError
-from pagedserve.frontend.input_processor import InputProcessor, PromptType
+from pagedserve.frontend.input_processor import InputProcessor
 from pagedserve.frontend.tokenizer import load_tokenizer
 from pagedserve.outputs import RequestOutput
-from pagedserve.sampling_params import SamplingParams
 
 from .replica_metrics import CALL_TIMEOUT_S, ReplicaMetrics
 from .router import ReplicaRequest
@@ -125,17 +124,13 @@ class RemoteEngine:
 
     # ---- requests -----------------------------------------------------------------------------------
 
-    def add_request(
-        self, prompt: PromptType, params: SamplingParams, request_id: str, cache_salt: str | None = None,
-        session_id: str | None = None, kv_retention_s: float | None = None, priority: int = 0,
-    ) -> AsyncIterator[RequestOutput]:
-        """Validate now (ValueError: 400), then stream from whichever replica the router picks."""
+    def add_request(self, add_request: AddRequest) -> AsyncIterator[RequestOutput]:
+        """Stream a request (made by `input_processor.make_request`, so checked against the replicas' limits)
+        from whichever replica the router picks."""
         if self.errored:
             raise EngineDeadError(f"the engine is not running: {self.errored}")
-        validate_session(session_id, kv_retention_s, priority)
-        text, token_ids = self.input_processor(prompt, params)
-        request = ReplicaRequest(token_ids, text, params, request_id, cache_salt, session_id, kv_retention_s,
-                                 priority)
+        request_id = add_request.request_id
+        request = ReplicaRequest(add_request)
         self.failures[request_id] = asyncio.Queue()
         served_by = SERVED_BY.get()
         if served_by is not None:
@@ -165,19 +160,19 @@ class RemoteEngine:
                         raise EngineDeadError(f"the replica serving this request died: {_first_line(e)}; the "
                                               "request was not completed") from None
                     logger.warning("request %s: its replica died before it started; sending it again (%s)",
-                                   request.request_id, _first_line(e))
+                                   request.request.request_id, _first_line(e))
                     await asyncio.sleep(RETRY_DELAY_S)
         finally:
             if served_by is not None and not started:
                 served_by.settle(None)
-            self._forget(request.request_id)
+            self._forget(request.request.request_id)
 
     async def _attempt(self, request: ReplicaRequest) -> AsyncIterator[tuple[str, RequestOutput]]:
         """One try on one replica: (its id, output) pairs."""
         replica = "?"
         response: Any = self.handle.options(stream=True).generate.remote(request)
-        self.responses[request.request_id] = response
-        failures = self.failures.get(request.request_id)
+        self.responses[request.request.request_id] = response
+        failures = self.failures.get(request.request.request_id)
         try:
             iterator = response.__aiter__()
             while True:
@@ -186,8 +181,8 @@ class RemoteEngine:
                     return
                 if isinstance(item, str):
                     replica = item
-                    logger.debug("request %s (session %s) is served by replica %s", request.request_id,
-                                request.session_id, replica)
+                    logger.debug("request %s (session %s) is served by replica %s", request.request.request_id,
+                                request.request.session_id, replica)
                     continue
                 yield replica, item
         except RayTaskError as e:  # the replica raised: the engine's own error, as the single server has it

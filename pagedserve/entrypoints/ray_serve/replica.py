@@ -30,9 +30,7 @@ class EngineReplica:
     async def generate(self, request: ReplicaRequest) -> AsyncIterator[str | RequestOutput]:
         """This replica's id, then the request's outputs. Admission errors (400, 503) are raised as they are."""
         yield self.replica_id
-        stream = self.engine.add_request(
-            {"prompt": request.prompt, "prompt_token_ids": request.prompt_token_ids}, request.params,
-            request.request_id, request.cache_salt, request.session_id, request.kv_retention_s, request.priority)
+        stream = self.engine.add_request(request.request)
         async for output in stream:
             yield output
 

@@ -29,7 +29,7 @@ from typing import Any, TypeVar, cast
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from pagedserve.engine.kv_cache_manager import hash_block
-from pagedserve.sampling_params import SamplingParams
+from pagedserve.engine.protocol import AddRequest
 
 logger = logging.getLogger("pagedserve")
 T = TypeVar("T")
@@ -44,16 +44,10 @@ DEFAULT_IMBALANCE = 8  # a replica this many requests above the least loaded one
 
 @dataclass
 class ReplicaRequest:
-    """What the ingress sends a replica for one prompt: the router reads it, the replica runs it."""
+    """What the ingress sends a replica for one prompt: the request's record (the router reads it, the replica
+    runs it) and where not to send it."""
 
-    prompt_token_ids: list[int]
-    prompt: str | None
-    params: SamplingParams
-    request_id: str
-    cache_salt: str | None = None
-    session_id: str | None = None
-    kv_retention_s: float | None = None
-    priority: int = 0
+    request: AddRequest
     avoid: tuple[str, ...] = ()  # replicas that refused it (engine down, queue full): others first
 
 
@@ -118,7 +112,7 @@ class RoutingPolicy:
     def hashes_of(self, request: ReplicaRequest) -> list[bytes]:
         if self.policy == "round-robin":
             return []
-        return prefix_block_hashes(request.prompt_token_ids, self.block_size, request.cache_salt,
+        return prefix_block_hashes(request.request.prompt_token_ids, self.block_size, request.request.cache_salt,
                                    self.max_prefix_blocks)
 
     def rank(self, replicas: Sequence[str], queue_lens: dict[str, int | None], request: ReplicaRequest | None,
@@ -134,8 +128,8 @@ class RoutingPolicy:
             return [[replicas[(start + i) % len(replicas)]] for i in range(len(replicas))]
         healthy = [r for r in replicas if not self.overloaded(r, replicas, queue_lens)]
         ranks: list[list[str]] = []
-        if self.policy == "session" and request.session_id is not None:
-            owner = self.sessions.get(request.session_id)
+        if self.policy == "session" and request.request.session_id is not None:
+            owner = self.sessions.get(request.request.session_id)
             if owner in healthy:
                 ranks.append([owner])
             else:  # a new session, or one moving: its history will grow in its replica's KV pool, so the
@@ -144,7 +138,7 @@ class RoutingPolicy:
                 fewest = self.fewest_sessions(healthy or list(replicas))
                 tied = self.best_prefix(fewest, hashes) or fewest
                 chosen = min(self.rng.sample(tied, len(tied)), key=lambda r: queue_lens.get(r) or 0)
-                self.assign(request.session_id, chosen)  # now: new sessions Ray routes meanwhile count it
+                self.assign(request.request.session_id, chosen)  # now: new sessions Ray routes meanwhile count it
                 ranks.append([chosen])
         best = self.best_prefix(healthy, hashes)
         if best:
@@ -175,8 +169,8 @@ class RoutingPolicy:
         """The request went to `replica`: its session and its prompt's blocks are there now."""
         if request is None:
             return
-        if request.session_id is not None:
-            self.assign(request.session_id, replica)
+        if request.request.session_id is not None:
+            self.assign(request.request.session_id, replica)
         if hashes:
             self.indexes.setdefault(replica, PrefixIndex(self.index_blocks)).add(hashes)
 
@@ -247,8 +241,8 @@ class PagedServeRouter(RequestRouter):
         hashes = self.pending_hashes.pop(pending_request.metadata.internal_request_id, [])
         self.policy.routed(replica.replica_id.unique_id, request, hashes)
         if request is not None:
-            logger.debug("request %s (session %s) -> replica %s", request.request_id, request.session_id,
-                         replica.replica_id.unique_id)
+            logger.debug("request %s (session %s) -> replica %s", request.request.request_id,
+                         request.request.session_id, replica.replica_id.unique_id)
         return replica
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
