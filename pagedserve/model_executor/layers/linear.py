@@ -54,7 +54,10 @@ class PackedGateUp(nn.Module):
 
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
-    return device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+    """oneDNN's bf16 path needs AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT: without them (an AVX2-only CPU) the
+    reorder raises, and F.linear stays (PyTorch then converts bf16 through float32 itself)."""
+    return (device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def pack_linears(model: nn.Module) -> None:
