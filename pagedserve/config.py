@@ -40,6 +40,9 @@ class EngineConfig:
     quantization: str | None = None
     tensor_parallel_size: int = 1
     distributed_executor_backend: str = "mp"  # "mp" or "ray": how ranks > 0 run (distributed/executor.py)
+    # Every id that ends a turn: the union of config.json's and generation_config.json's eos_token_id, the
+    # config's first id first (as vLLM and transformers' generate stop on any of them).
+    eos_token_ids: tuple[int, ...] = ()
 
 
 def cpu_supports_bf16() -> bool:
@@ -128,6 +131,7 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         quantization=quantization,
         tensor_parallel_size=tp,
         distributed_executor_backend=executor_backend,
+        eos_token_ids=eos_token_ids(hf_config, None if gguf_path else model_path),
     )
 
 
@@ -228,6 +232,25 @@ def structured_outputs_backend(config: dict | None) -> str:
 # generation_config.json key -> SamplingParams field: what vLLM takes from it as request defaults.
 _GENERATION_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
                       "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def eos_token_ids(hf_config: PretrainedConfig, model_dir: str | None) -> tuple[int, ...]:
+    """The ids that end a turn: config.json's eos_token_id (an id or a list) and then generation_config.json's,
+    which is where Llama 3 Instruct (`<|eot_id|>`), Gemma and Phi-3 list their end-of-turn ids."""
+    ids: list[int] = []
+    sources = [getattr(hf_config, "eos_token_id", None)]
+    path = os.path.join(model_dir, "generation_config.json") if model_dir else None
+    if path is not None and os.path.isfile(path):
+        try:
+            with open(path) as f:
+                sources.append(json.load(f).get("eos_token_id"))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from e
+    for source in sources:
+        for token_id in source if isinstance(source, list) else [source]:
+            if isinstance(token_id, int) and not isinstance(token_id, bool) and token_id not in ids:
+                ids.append(token_id)
+    return tuple(ids)
 
 
 def generation_defaults(source: str, model_path: str, gguf_path: str | None) -> dict[str, float | int]:

@@ -79,8 +79,8 @@ class EngineCore:
             structured_outputs_backend=config.structured_outputs_backend,
         )
         self.requests: dict[str, list[Request]] = {}  # the caller's id -> its unfinished samples
-        self.eos_token_id = _eos_token_id(config)
-        self.structured_output = StructuredOutputManager(config, self.eos_token_id)
+        self.eos_token_ids = config.eos_token_ids
+        self.structured_output = StructuredOutputManager(config, self.eos_token_ids)
         # With async scheduling the forward runs here, and the core keeps one step in flight behind it.
         self.worker = ThreadPoolExecutor(1, "engine-step") if config.async_scheduling else None
         self.in_flight: deque[LaunchedStep] = deque()
@@ -99,7 +99,7 @@ class EngineCore:
         samples = [
             Request(
                 f"{request_id}#{index}", list(prompt_token_ids), _sample_params(sampling_params, index),
-                self.eos_token_id, self.limits.max_total_tokens, cache_salt=request.cache_salt, kv_variant=kv_variant,
+                self.eos_token_ids, self.limits.max_total_tokens, cache_salt=request.cache_salt, kv_variant=kv_variant,
                 client_request_id=request_id, index=index, session_id=request.session_id,
                 kv_retention_s=request.kv_retention_s, priority=request.priority, arrival_index=self.num_arrivals,
             )
@@ -251,8 +251,7 @@ class EngineCore:
             params = request.sampling_params
             if request.num_output_tokens + request.num_output_placeholders - 1 < params.min_tokens:
                 stop_ids = list(cast(list[int], params.stop_token_ids))  # SamplingParams makes it a list
-                banned[request.request_id] = stop_ids + ([request.eos_token_id] if request.eos_token_id is not None
-                                                         else [])
+                banned[request.request_id] = stop_ids + list(request.eos_token_ids)
         return banned
 
     def _update(self, step: LaunchedStep, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
@@ -292,7 +291,7 @@ class EngineCore:
     def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
         params = request.sampling_params
         if request.num_output_tokens >= params.min_tokens:
-            if token_id == request.eos_token_id and not params.ignore_eos:
+            if token_id in request.eos_token_ids and not params.ignore_eos:
                 return RequestStatus.FINISHED_STOPPED
             if token_id in cast(list[int], params.stop_token_ids):
                 request.stop_reason = token_id
@@ -362,10 +361,3 @@ def _sample_params(params: SamplingParams, index: int) -> SamplingParams:
     if sample.seed is not None:
         sample.seed += index
     return sample
-
-
-def _eos_token_id(config: EngineConfig) -> int | None:
-    eos = getattr(config.hf_config, "eos_token_id", None)
-    if isinstance(eos, list):
-        return eos[0] if eos else None
-    return eos

@@ -40,7 +40,7 @@ class Request:
     request_id: str  # unique per sample: the key of its block table and generator
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
-    eos_token_id: int | None
+    eos_token_ids: tuple[int, ...]  # any of them ends the request (unless ignore_eos)
     max_total_tokens: int  # prompt + output may not exceed this (max_model_len, capped by the KV pool)
     cache_salt: str | None = None
     # Besides the salt, what else makes this request's K/V differ for the same tokens (prefix-cache key).

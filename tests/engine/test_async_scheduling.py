@@ -115,7 +115,7 @@ def test_stop_token_ids_eos_and_min_tokens(llama_dir):
         for i in range(10):
             engine.add_request(AddRequest(f"r{i}", random_prompt(5 + i, seed=i),
                                greedy(30, stop_token_ids=[stops[f"r{i}"]], min_tokens=6 if i % 2 else 0)))
-        engine.add_request(AddRequest("eos", [5, 6], greedy(30, stop_token_ids=[engine.eos_token_id])))
+        engine.add_request(AddRequest("eos", [5, 6], greedy(30, stop_token_ids=[engine.eos_token_ids[0]])))
 
     run = assert_same(llama_dir, script)
     assert any(final.stop_reason is not None for final in run.finals.values())

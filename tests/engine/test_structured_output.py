@@ -167,7 +167,7 @@ def test_matcher_accepts_rolls_back_and_terminates_on_eos(llama_dir, backend):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(llama_dir)
-    grammar_backend = backend_class(backend)(tokenizer, 512, tokenizer.eos_token_id)
+    grammar_backend = backend_class(backend)(tokenizer, 512, (tokenizer.eos_token_id,))
     matcher = grammar_backend.new_matcher(grammar_backend.compile(StructuredOutputsParams(choice=["yes", "no"])))
     eos, yes = tokenizer.eos_token_id, tokenizer.encode("yes", add_special_tokens=False)
 
@@ -214,7 +214,7 @@ def test_grammar_end_finishes_with_stop_even_when_ignoring_eos(llama_dir):
                                                    structured_outputs=StructuredOutputsParams(choice=CHOICES))))
     run = run_all(engine)
     final = run.finals[("a", 0)]
-    assert final.finish_reason == "stop" and run.tokens[("a", 0)][-1] == engine.eos_token_id
+    assert final.finish_reason == "stop" and run.tokens[("a", 0)][-1] == engine.eos_token_ids[0]
 
 
 def test_a_request_waits_for_its_grammar_while_others_run(llama_dir, monkeypatch):

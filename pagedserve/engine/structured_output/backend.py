@@ -2,8 +2,8 @@
 
 A backend compiles a `StructuredOutputsParams` into a grammar once for the tokenizer; each sample then gets a
 `GrammarMatcher` that follows the tokens it accepts and writes which tokens may come next into a row of an
-int32 bitmask (bit t % 32 of word t // 32 set: token t allowed). The stop token (EOS) is allowed exactly where
-the grammar may end, and the matcher terminates once it has accepted it.
+int32 bitmask (bit t % 32 of word t // 32 set: token t allowed). The stop tokens (every EOS id) are allowed
+exactly where the grammar may end, and the matcher terminates once it has accepted one.
 
 Whitespace in JSON (`json`, `json_object`, the schemas of structural tags) is bounded by default: at most
 MAX_JSON_WHITESPACE (8) whitespace characters between two JSON tokens. That keeps compact, spaced and shallow
@@ -55,7 +55,8 @@ class GrammarBackend(ABC):
     name: str
 
     @abstractmethod
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, eos_token_id: int | None) -> None: ...
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, eos_token_ids: tuple[int, ...]) -> None:
+        """`eos_token_ids`: every id that ends a turn (the grammar's end allows each; empty: the tokenizer's)."""
 
     @staticmethod
     @abstractmethod

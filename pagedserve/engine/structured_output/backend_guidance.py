@@ -60,10 +60,10 @@ class GuidanceMatcher(GrammarMatcher):
 class GuidanceBackend(GrammarBackend):
     name = "guidance"
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, eos_token_id: int | None) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, eos_token_ids: tuple[int, ...]) -> None:
         # A slow (Python) tokenizer is refused by llguidance with a ValueError.
         fast = cast(PreTrainedTokenizerFast, tokenizer)
-        self.tokenizer = llguidance.hf.from_tokenizer(fast, n_vocab=vocab_size, eos_token=eos_token_id)
+        self.tokenizer = llguidance.hf.from_tokenizer(fast, n_vocab=vocab_size, eos_token=list(eos_token_ids) or None)
 
     @staticmethod
     def check(params: StructuredOutputsParams) -> None:

@@ -41,9 +41,9 @@ class XgrammarMatcher(GrammarMatcher):
 class XgrammarBackend(GrammarBackend):
     name = "xgrammar"
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, eos_token_id: int | None) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, eos_token_ids: tuple[int, ...]) -> None:
         self.tokenizer_info = xgr.TokenizerInfo.from_huggingface(
-            tokenizer, vocab_size=vocab_size, stop_token_ids=None if eos_token_id is None else [eos_token_id]
+            tokenizer, vocab_size=vocab_size, stop_token_ids=list(eos_token_ids) or None
         )
         # No cache of its own: the StructuredOutputManager caches compiled grammars by constraint.
         threads = max(1, min(8, (os.cpu_count() or 2) // 2))

@@ -33,9 +33,9 @@ GRAMMAR_CACHE_SIZE = 64  # compiled grammars kept, least recently used out first
 
 
 class StructuredOutputManager:
-    def __init__(self, config: EngineConfig, eos_token_id: int | None) -> None:
+    def __init__(self, config: EngineConfig, eos_token_ids: tuple[int, ...]) -> None:
         self.config = config
-        self.eos_token_id = eos_token_id
+        self.eos_token_ids = eos_token_ids
         self.matchers: dict[str, GrammarMatcher] = {}  # by sample, from the moment its grammar is compiled
         self.compiling: dict[str, tuple[Request, Future, float]] = {}  # request, its compile, since when
         self._grammars: OrderedDict[tuple[str, str], Future] = OrderedDict()  # (constraint, backend) -> compile
@@ -127,7 +127,7 @@ class StructuredOutputManager:
                     tokenizer = self._tokenizer = load_tokenizer(self.config)
                     # The logits may be wider than the tokenizer (a padded vocabulary): ids past it never pass.
                     self.vocab_size = max(self.config.hf_config.vocab_size, len(tokenizer))
-                self._backends[name] = backend_class(name)(tokenizer, self.vocab_size, self.eos_token_id)
+                self._backends[name] = backend_class(name)(tokenizer, self.vocab_size, self.eos_token_ids)
             return self._backends[name]
 
 
