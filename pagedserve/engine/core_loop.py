@@ -2,14 +2,18 @@
 in its own process (`engine_process_main`: msgpack over ZeroMQ IPC sockets, as vLLM v1), or in the caller's
 thread for the offline `LLM` (`EngineLoop.turn` called in its loop).
 
-Each turn: take the messages that arrived, run one step if there is work, send what came out. A message
+Each turn: take the messages that arrived, run one step if there is work, send what came out. An idle loop
+waits for a message only until the next session lease is due, so a lease ends at its TTL (its blocks free, the
+gauges updated) although no request follows. A message
 that fails (a request the core rejects, a utility call that raises) answers with an error and the loop
 goes on; a model step that fails fails only the requests that caused it (EngineCore.step). Only a bug in
 the loop itself ends it, and the front end then restarts the engine.
 """
 
 import logging
+import math
 import os
+import time
 from collections.abc import Callable
 
 import msgspec
@@ -46,6 +50,7 @@ class EngineLoop:
     def turn(self, messages: list[EngineCoreRequest]) -> EngineCoreOutputs | None:
         """What to send after these messages and one step; None if there is nothing to send, or on Shutdown."""
         core = self.core
+        expired = core.sessions.expire()
         outputs: list[EngineCoreOutput] = []
         results: list[UtilityResult] = []
         for message in messages:
@@ -67,19 +72,22 @@ class EngineLoop:
                 results.append(_call(core, message))
         if core.has_unfinished_requests():
             outputs += core.step()
-        if outputs or results or messages:
+        if outputs or results or messages or expired:  # the stats of an expiry are news too
             return EngineCoreOutputs(outputs, core.stats(), results)
         return None
 
 
-def run_engine_loop(
-    core: EngineCore, receive: Callable[[bool], list[EngineCoreRequest]], send: Callable[[EngineCoreOutputs], None]
-) -> None:
-    """Loop until a Shutdown message. `receive(block)` blocks for the next message when the engine is idle,
-    and only drains what is there when it is busy."""
+Receive = Callable[[float | None], list[EngineCoreRequest]]
+
+
+def run_engine_loop(core: EngineCore, receive: Receive, send: Callable[[EngineCoreOutputs], None]) -> None:
+    """Loop until a Shutdown message. `receive(timeout)` returns the messages that are there, waiting up to
+    `timeout` seconds (None: until one comes) for the first: no wait when the engine is busy, until the next
+    session wake-up (a lease's TTL) when it is idle."""
     loop = EngineLoop(core)
     while not loop.stopped:
-        out = loop.turn(receive(not core.has_unfinished_requests()))
+        timeout = 0.0 if core.has_unfinished_requests() else core.sessions.seconds_to_next_wakeup()
+        out = loop.turn(receive(timeout))
         if out is not None:
             send(out)
 
@@ -117,14 +125,16 @@ def engine_process_main(engine_args: EngineArgs, input_path: str, output_path: s
 
         parent = os.getppid()
 
-        def receive(block: bool) -> list[EngineCoreRequest]:
+        def receive(timeout: float | None) -> list[EngineCoreRequest]:
             """Never waits for a front end that is gone (killed, say): the engine then stops."""
             if os.getppid() != parent:
                 return [Shutdown()]
-            if block:
-                while not inputs.poll(1000):
-                    if os.getppid() != parent:
-                        return [Shutdown()]
+            deadline = math.inf if timeout is None else time.monotonic() + timeout
+            while not inputs.poll(math.ceil(1000 * max(0.0, min(1.0, deadline - time.monotonic())))):
+                if time.monotonic() >= deadline:
+                    break
+                if os.getppid() != parent:
+                    return [Shutdown()]
             messages = []
             while inputs.poll(0):
                 messages.append(decoder.decode(inputs.recv()))

@@ -42,6 +42,7 @@ from pagedserve.engine.protocol import (
 )
 from pagedserve.engine.request import Request, RequestStatus
 from pagedserve.engine.scheduler import Scheduler, make_policy
+from pagedserve.engine.sessions import session_key
 from pagedserve.engine.structured_output.manager import StructuredOutputManager
 from pagedserve.model_executor.step import ModelRunnerOutput, SchedulerOutput
 from pagedserve.sampling_params import SamplingParams
@@ -107,7 +108,7 @@ class EngineCore:
         ]
         self.num_arrivals += 1
         if request.session_id is not None:
-            self.sessions.on_arrival(request.session_id)
+            self.sessions.on_arrival(session_key(request.session_id, request.cache_salt))
         samples[0].pending_forks = samples[1:]
         self.requests[request_id] = samples
         if sampling_params.structured_outputs is not None:
@@ -261,7 +262,7 @@ class EngineCore:
             if request.status.finished:  # failed this step, or finished (stopped, aborted) since it was scheduled
                 continue
             if request.session_id is not None:
-                self.sessions.add_service(request.session_id, num_new)
+                self.sessions.add_service(session_key(request.session_id, request.cache_salt), num_new)
             token_id = result.sampled_token_ids.get(req_id)
             if token_id is None:  # a prefill chunk that does not reach the end yet
                 continue
@@ -321,6 +322,7 @@ class EngineCore:
         return outputs
 
     def reset_prefix_cache(self) -> bool:
+        self.sessions.expire()  # leases past their TTL first (as in stats, close_session): no step needed for them
         return self.kv_cache_manager.reset_prefix_cache()
 
     def shutdown(self) -> None:
@@ -329,11 +331,14 @@ class EngineCore:
         if self.worker is not None:
             self.worker.shutdown(wait=False)
 
-    def close_session(self, session_id: str) -> bool:
-        """Release what the session holds now (its lease becomes ordinary LRU cache); False if unknown."""
-        return self.sessions.close(session_id)
+    def close_session(self, session_id: str, cache_salt: str | None = None) -> bool:
+        """Release what the session holds now (its lease becomes ordinary LRU cache); False if unknown. A session
+        is its tenant's: `cache_salt` must be the one its requests gave."""
+        self.sessions.expire()
+        return self.sessions.close(session_key(session_id, cache_salt))
 
     def stats(self) -> EngineStats:
+        self.sessions.expire()
         kv = self.kv_cache_manager
         return EngineStats(
             num_kv_blocks_total=kv.pool.num_blocks,

@@ -5,7 +5,7 @@ import pickle
 
 from pagedserve.engine.block_pool import BlockPool, KVBlock
 from pagedserve.engine.request import Request
-from pagedserve.engine.sessions import Sessions
+from pagedserve.engine.sessions import Sessions, session_key
 
 
 def hash_block(parent_hash: bytes | None, token_ids: list[int], extra_keys: tuple = ()) -> bytes:
@@ -167,7 +167,8 @@ class KVCacheManager:
         blocks = self.req_blocks.get(request.request_id, [])
         num_leased = self.req_num_cached_blocks.get(request.request_id, 0)
         self.req_blocks[request.request_id] = blocks[num_leased:]  # the lease takes over these references
-        self.sessions.lease(request.session_id, blocks[:num_leased], request.kv_retention_s)
+        self.sessions.lease(session_key(request.session_id, request.cache_salt), blocks[:num_leased],
+                            request.kv_retention_s)
         self.forget(request)
 
     def uncache(self, request: Request) -> None:

@@ -114,7 +114,7 @@ class UtilityCall(msgspec.Struct, tag=True):
 
     call_id: int
     method: str
-    args: list[str] = []
+    args: list[str | None] = []
 
 
 class Shutdown(msgspec.Struct, tag=True):

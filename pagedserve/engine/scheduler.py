@@ -17,7 +17,7 @@ from collections import deque
 
 from pagedserve.engine.kv_cache_manager import KVCacheManager
 from pagedserve.engine.request import Request, RequestStatus
-from pagedserve.engine.sessions import Sessions
+from pagedserve.engine.sessions import Sessions, session_key
 from pagedserve.model_executor.step import CachedRequestData, NewRequestData, SchedulerOutput
 
 
@@ -54,8 +54,10 @@ class PriorityPolicy(FCFSPolicy):
 class SessionPolicy(FCFSPolicy):
     """Program-level scheduling (Autellix's PLAS): the session that has had the least service so far (tokens
     computed for it) goes first, so a short agent program is not stuck behind a long one; arrival order within
-    a session. A request without a session is a program of its own. A waiting request's service counts
-    AGING_TOKENS_PER_S fewer tokens per second it has waited, which bounds starvation."""
+    a session. A new session starts at the live sessions' average service, not at zero: a fresh id is no free
+    pass to the head of the queue. A request without a session is a program of its own, started there too. A
+    waiting request's service counts AGING_TOKENS_PER_S fewer tokens per second it has waited, which bounds
+    starvation."""
 
     AGING_TOKENS_PER_S = 1000.0
 
@@ -71,8 +73,8 @@ class SessionPolicy(FCFSPolicy):
 
     def _service(self, request: Request) -> int:
         if request.session_id is None:
-            return request.num_computed_tokens
-        return self.sessions.attained_service(request.session_id)
+            return self.sessions.average_service() + request.num_computed_tokens
+        return self.sessions.attained_service(session_key(request.session_id, request.cache_salt))
 
 
 def make_policy(name: str, sessions: Sessions) -> FCFSPolicy:
@@ -156,7 +158,7 @@ class Scheduler:
                 break
             self.kv.record_prefix_lookup(request, num_hit_tokens)
             if request.session_id is not None:  # its hits hold their own references now: the lease can go
-                self.kv.sessions.claim(request.session_id, hit_blocks)
+                self.kv.sessions.claim(session_key(request.session_id, request.cache_salt), hit_blocks)
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = num_hit_tokens

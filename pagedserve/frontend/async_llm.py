@@ -224,9 +224,10 @@ class AsyncLLM:
         assert isinstance(result, bool)
         return result
 
-    async def close_session(self, session_id: str) -> bool:
-        """Release what the engine holds for the session now; False if it knows no such session."""
-        result = await self._call("close_session", session_id)
+    async def close_session(self, session_id: str, cache_salt: str | None = None) -> bool:
+        """Release what the engine holds for the session now; False if it knows no such session under this
+        cache_salt (a session is its tenant's)."""
+        result = await self._call("close_session", session_id, cache_salt)
         assert isinstance(result, bool)
         return result
 
@@ -235,7 +236,7 @@ class AsyncLLM:
         assert isinstance(result, EngineStats)
         return result
 
-    async def _call(self, method: str, *args: str) -> bool | EngineStats | None:
+    async def _call(self, method: str, *args: str | None) -> bool | EngineStats | None:
         """Call an engine method between two steps; EngineDeadError if the engine is not running, or stops
         answering for CALL_TIMEOUT_S seconds."""
         await self.start()

@@ -57,8 +57,13 @@ class ThreadCoreClient:
             logger.exception("the engine loop died")
             dead(f"the engine loop died: {type(e).__name__}: {e}")
 
-    def _receive(self, block: bool) -> list[EngineCoreRequest]:
-        messages = [self.inputs.get()] if block else []
+    def _receive(self, timeout: float | None) -> list[EngineCoreRequest]:
+        messages = []
+        if timeout is None or timeout > 0:
+            try:
+                messages.append(self.inputs.get(timeout=timeout))
+            except queue.Empty:
+                return messages
         while not self.inputs.empty():
             messages.append(self.inputs.get_nowait())
         return messages

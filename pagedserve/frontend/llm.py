@@ -100,9 +100,10 @@ class LLM:
             prompts.append({"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)})
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def close_session(self, session_id: str) -> bool:
-        """Release what the engine holds for the session (its kept KV); False if it knows no such session."""
-        return self.engine.close_session(session_id)
+    def close_session(self, session_id: str, cache_salt: str | None = None) -> bool:
+        """Release what the engine holds for the session (its kept KV); False if it knows no such session under
+        this cache_salt (the one its prompts gave)."""
+        return self.engine.close_session(session_id, cache_salt)
 
     def _run(self, requests: list[AddRequest], use_tqdm: bool) -> list[RequestOutput]:
         """Drive the engine with the server's own loop (EngineLoop), in this thread, until every request ends."""

@@ -1,5 +1,6 @@
 """Agent sessions in the engine: KV held across a tool pause by a lease, TTL expiry, close, memory pressure
-(leases give way before preemption), no leaks, and the priority and session scheduling policies."""
+(leases give way before preemption), no leaks, sessions scoped by tenant (cache_salt), bookkeeping that looks only
+at the sessions that are due, and the priority and session scheduling policies."""
 
 import random
 
@@ -7,10 +8,12 @@ import pytest
 from engine_utils import assert_all_blocks_free, make_engine, pretend_step, run_all
 
 from pagedserve import LLM
+from pagedserve.engine.block_pool import BlockPool
 from pagedserve.engine.kv_cache_manager import KVCacheManager
 from pagedserve.engine.protocol import AddRequest
 from pagedserve.engine.request import Request
 from pagedserve.engine.scheduler import Scheduler, make_policy
+from pagedserve.engine.sessions import IDLE_S, Sessions, session_key
 from pagedserve.sampling_params import SamplingParams
 
 BS = 16
@@ -78,8 +81,7 @@ def test_ttl_expiry_and_close_release_blocks(llama_dir, clock):
     turn(engine, "b", prompt(40, 2), "s2")  # no TTL given: the default, 10 s before any pause is seen
     assert engine.stats().num_session_leases == 2
     clock.now += 6.0
-    engine.step()  # expiry is checked as the engine steps
-    stats = engine.stats()
+    stats = engine.stats()  # no step needed: a utility call expires what is due first
     assert stats.num_session_leases == 1 and stats.lease_expiries == 1
     assert engine.close_session("s2") and engine.stats().num_session_leases == 0
     assert not engine.close_session("never-seen")
@@ -94,7 +96,7 @@ def test_the_ttl_follows_the_sessions_pauses(llama_dir, clock):
         output, _ = turn(engine, f"t{i}", history, "s")
         history = history + output + prompt(4, 10 + i)
         clock.now += pause
-    session = engine.sessions.sessions["s"]
+    session = engine.sessions.sessions[session_key("s", None)]
     assert list(session.gaps) == [4.0, 4.0, 6.0]
     assert engine.sessions.ttl(session) == pytest.approx(9.0)  # 1.5 x the 90th percentile
     assert session.lease.expires_at == pytest.approx(session.last_finish + 9.0)
@@ -193,6 +195,14 @@ def request(i: int, priority: int = 0, session_id: str | None = None, arrival: f
     return r
 
 
+def served(kv: KVCacheManager, **service: int) -> None:
+    """Sessions that have had this much service (started together: each at 0)."""
+    for session_id in service:
+        kv.sessions.on_arrival(session_key(session_id, None))
+    for session_id, tokens in service.items():
+        kv.sessions.add_service(session_key(session_id, None), tokens)
+
+
 def admission_order(sched: Scheduler) -> list[str]:
     order = []
     while sched.has_unfinished():
@@ -213,15 +223,14 @@ def test_fcfs_and_priority_order(clock):
 
 def test_session_policy_serves_the_least_served_session_first(monkeypatch):
     sched, kv = scheduler("session")
-    kv.sessions.add_service("long", 5000)
-    kv.sessions.add_service("short", 100)
+    served(kv, long=5000, short=100)
     now = 100.0
     monkeypatch.setattr("pagedserve.engine.scheduler.time.monotonic", lambda: now)
     sched.add_request(request(0, session_id="long", arrival=now))
     sched.add_request(request(1, session_id="short", arrival=now))
     sched.add_request(request(2, session_id="long", arrival=now))
-    sched.add_request(request(3, arrival=now))  # no session: a program of its own, no service yet
-    assert admission_order(sched) == ["r3", "r1", "r0", "r2"]
+    sched.add_request(request(3, arrival=now))  # no session: a program of its own, starting at the average
+    assert admission_order(sched) == ["r1", "r3", "r0", "r2"]
     # aging: a request of the long session that has waited 5 s (5,000 tokens of credit) goes before a new one
     sched.add_request(request(4, session_id="long", arrival=now - 5.5))
     sched.add_request(request(5, session_id="short", arrival=now))
@@ -247,8 +256,114 @@ def test_idle_sessions_are_forgotten(llama_dir, clock):
     turn(engine, "a", prompt(40, 1), "s", kv_retention_s=5.0)
     clock.now += 6.0
     engine.step()
-    assert "s" in engine.sessions.sessions  # its lease expired, but it is remembered for a while
+    assert session_key("s", None) in engine.sessions.sessions  # its lease expired, but it is remembered a while
     clock.now += 601.0
     engine.step()
-    assert "s" not in engine.sessions.sessions and not engine.close_session("s")
+    assert session_key("s", None) not in engine.sessions.sessions and not engine.close_session("s")
     assert_all_blocks_free(engine)
+
+
+# ---- tenants --------------------------------------------------------------------------------------------
+
+
+def test_a_session_belongs_to_its_cache_salt(llama_dir, clock):
+    """Another tenant (another cache_salt) reusing the session id can neither close the session nor drop its
+    lease: its requests make a session of its own."""
+    engine = engine_with_clock(llama_dir, clock)
+    history = prompt(40, 1)
+    turn(engine, "a1", history, "s", cache_salt="tenant-a")
+    assert engine.stats().num_session_leases == 1
+    assert not engine.close_session("s") and not engine.close_session("s", "tenant-b")
+    turn(engine, "b1", history, "s", cache_salt="tenant-b")  # admitted under the same id: A's lease stays
+    stats = engine.stats()
+    assert stats.num_session_leases == 2 and stats.lease_hit_tokens == 0
+    _, hits = turn(engine, "a2", history + prompt(8, 2), "s", cache_salt="tenant-a")
+    assert hits == 32 and engine.stats().lease_hit_tokens == 32  # A's next turn still finds its history
+    assert engine.close_session("s", "tenant-a") and engine.stats().num_session_leases == 1
+    assert engine.close_session("s", "tenant-b") and not engine.close_session("s", "tenant-b")
+    assert_all_blocks_free(engine)
+
+
+def test_a_new_session_starts_at_the_average_service(monkeypatch):
+    """Under the session policy a fresh session id is no free pass: it starts at the live sessions' average
+    service (here 2,550 tokens), behind the short session, ahead of the long one."""
+    sched, kv = scheduler("session")
+    served(kv, long=5000, short=100)
+    now = 100.0
+    monkeypatch.setattr("pagedserve.engine.scheduler.time.monotonic", lambda: now)
+    sched.add_request(request(0, session_id="long", arrival=now))
+    sched.add_request(request(1, session_id="fresh", arrival=now))
+    sched.add_request(request(2, session_id="short", arrival=now))
+    assert admission_order(sched) == ["r2", "r1", "r0"]
+    assert kv.sessions.sessions[session_key("fresh", None)].attained_service == 2550  # where it started
+
+
+# ---- bookkeeping cost: only what is due is looked at ------------------------------------------------------
+
+
+class NoScan(dict):
+    """A session table that fails a test if anything walks through all of it."""
+
+    def _scan(self, *args):
+        raise AssertionError("the whole session table was scanned")
+
+    __iter__ = keys = values = items = _scan  # type: ignore[assignment]
+
+
+def test_session_counts_stay_right_without_scanning_the_table(clock):
+    """Thousands of leased sessions, and random leases, claims, closes, service, pressure and time: each step's
+    bookkeeping (expire, the lease gauges, the average service) never walks the table, and its counts always
+    equal a recount."""
+    rng = random.Random(0)
+    pool = BlockPool(6000)
+    sessions = Sessions(pool, BS, clock)
+    sessions.sessions = NoScan()
+    roots = pool.allocate(4)  # shared by many leases, as a system prompt is
+    keys = [session_key(f"s{i}", rng.choice([None, "a", "b"])) for i in range(2000)]
+
+    def lease(key):
+        root = rng.choice(roots)
+        pool.touch([root])
+        sessions.lease(key, [root, *pool.allocate(rng.randint(0, 2))], rng.choice([None, 0, 3.0, 30.0, 900.0]))
+
+    def recount():
+        table = dict.values(sessions.sessions)
+        leases = [s.lease for s in table if s.lease is not None]
+        assert sessions.num_leases == len(leases)
+        assert sessions.num_blocks_leased == len({b.block_id for lease in leases for b in lease.blocks})
+        assert sessions.average_service() == (sum(s.attained_service for s in table) // len(table) if table else 0)
+        now = clock.now
+        assert all(lease.expires_at > now for lease in leases), "a lease outlived its TTL"
+        assert all(s.lease is not None or s.last_active + IDLE_S > now for s in table), "an idle session was kept"
+
+    for key in keys:
+        sessions.on_arrival(key)
+        sessions.add_service(key, rng.randint(1, 500))
+        lease(key)
+    expired = 0
+    for step in range(400):
+        clock.now += rng.choice([0.1, 1.0, 5.0, 60.0])
+        for key in rng.sample(keys, 20):
+            action = rng.random()
+            if action < 0.3:
+                sessions.on_arrival(key)
+                sessions.claim(key, [])
+            elif action < 0.6:
+                sessions.add_service(key, rng.randint(1, 100))
+                lease(key)
+            elif action < 0.7:
+                sessions.close(key)
+            else:
+                sessions.add_service(key, rng.randint(1, 100))
+        if step % 50 == 0:
+            sessions.reclaim(pool.num_free_blocks + 20)
+        due = sum(1 for s in dict.values(sessions.sessions) if s.lease is not None and s.lease.expires_at <= clock.now)
+        expired += due
+        assert sessions.expire() == due
+        recount()
+    assert sessions.lease_expiries == expired > 0 and sessions.leases_evicted > 0
+    assert len(sessions.wakeups) <= 2 * len(sessions.sessions) + 64  # stale wake-ups do not pile up
+    clock.now += 10 * IDLE_S
+    sessions.expire()
+    recount()
+    assert not dict.values(sessions.sessions) and pool.num_free_blocks == pool.num_blocks - len(roots)

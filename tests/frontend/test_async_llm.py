@@ -144,3 +144,32 @@ def test_a_request_that_cannot_be_sent_leaves_nothing_behind(args):
 
     final = run(main())
     assert final.finished and len(final.outputs[0].token_ids) == 2
+
+
+@pytest.mark.parametrize("placement", ["thread", "process"])
+def test_a_lease_expires_while_the_engine_is_idle(args, placement):
+    """A lease ends at its TTL although no request follows: the engine wakes for it, the gauges say so, the
+    prefix cache can be reset, and only the session's own tenant (cache_salt) can close it."""
+
+    async def main():
+        engine = AsyncLLM(args, placement)
+        await engine.start()
+        try:
+            params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+            request = engine.input_processor.make_request("The quick brown fox " * 6, params, "t1",
+                                                          session_id="s", kv_retention_s=0.5, cache_salt="a")
+            [out async for out in engine.add_request(request)]
+            leased = engine.stats.num_session_leases, engine.metrics.session_leases._value.get()
+            tenant_b_closed = await engine.close_session("s", "b")
+            await asyncio.sleep(1.5)  # no request, no engine call: the gauges must move by themselves
+            idle = engine.stats.num_session_leases, engine.metrics.session_leases._value.get()
+            expiries = engine.metrics.lease_expiries._value.get()
+            return leased, tenant_b_closed, idle, expiries, await engine.reset_prefix_cache(), \
+                await engine.close_session("s", "a")
+        finally:
+            await engine.shutdown()
+
+    leased, tenant_b_closed, idle, expiries, reset, closed = run(main())
+    assert leased == (1, 1) and not tenant_b_closed
+    assert idle == (0, 0) and expiries == 1
+    assert reset and closed

@@ -27,7 +27,7 @@ import pagedserve
 from pagedserve.frontend.async_llm import AsyncLLM, EngineDeadError, QueueFullError
 from pagedserve.frontend.engine_client import EngineClient
 
-from .protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, error_body
+from .protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, SessionCloseRequest, error_body
 from .serving import ContextLengthError, EngineFault, ServingOptions
 from .serving_chat import ChatServing
 from .serving_completion import CompletionServing
@@ -236,10 +236,11 @@ def build_app(engine: EngineClient, options: ServingOptions, api_key: str | None
 
     @app.post("/v1/sessions/{session_id}/close", responses={
         200: {"description": "The session's kept KV is released"}, 401: _ERRORS[401],
-        404: {"model": ErrorResponse, "description": "No such session"}, 503: _ERRORS[503]})
-    async def close_session(session_id: str) -> Response:
+        400: _ERRORS[400], 404: {"model": ErrorResponse, "description": "No such session (under this cache_salt)"},
+        503: _ERRORS[503]})
+    async def close_session(session_id: str, body: SessionCloseRequest | None = None) -> Response:
         try:
-            closed = await engine.close_session(session_id)
+            closed = await engine.close_session(session_id, body.cache_salt if body is not None else None)
         except EngineDeadError as e:
             return error_response(503, str(e))
         if not closed:

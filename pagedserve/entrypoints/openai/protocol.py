@@ -300,6 +300,13 @@ class ChatCompletionRequest(SamplingFields):
         return self.tool_choice if isinstance(self.tool_choice, str) else self.tool_choice.model_dump()
 
 
+class SessionCloseRequest(BaseModel):
+    """The optional body of POST /v1/sessions/{session_id}/close: a session is its tenant's, so the close names
+    the cache_salt its requests gave (none: the session of requests without a salt)."""
+
+    cache_salt: str | None = None
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str

@@ -245,11 +245,11 @@ class RemoteEngine:
         results = await self._broadcast("reset_prefix_cache")
         return all(results)
 
-    async def close_session(self, session_id: str) -> bool:
-        results = await self._broadcast("close_session", session_id)
+    async def close_session(self, session_id: str, cache_salt: str | None = None) -> bool:
+        results = await self._broadcast("close_session", session_id, cache_salt)
         return any(results)
 
-    async def _broadcast(self, method: str, *args: str) -> list[Any]:
+    async def _broadcast(self, method: str, *args: str | None) -> list[Any]:
         try:
             results = await self.handle.broadcast(method, *args).results_async(timeout_s=CALL_TIMEOUT_S)
         except (TimeoutError, *_REPLICA_GONE) as e:

@@ -47,8 +47,8 @@ class EngineReplica:
     async def reset_prefix_cache(self) -> bool:
         return await self.engine.reset_prefix_cache()
 
-    async def close_session(self, session_id: str) -> bool:
-        return await self.engine.close_session(session_id)
+    async def close_session(self, session_id: str, cache_salt: str | None = None) -> bool:
+        return await self.engine.close_session(session_id, cache_salt)
 
     async def check_health(self) -> None:
         """Ray Serve restarts a replica whose engine is down (and did not come back by itself)."""

@@ -313,3 +313,15 @@ def test_sessions_through_the_server(server, client):
                                                                    "session_id": "s"}), 400, "kv_retention_s")
     assert_error(httpx.post(f"{server.url}/v1/completions", json={"prompt": "x", "kv_retention_s": 5}), 400,
                  "needs a session_id")
+
+
+def test_a_session_is_closed_only_by_its_tenant(server, client):
+    """A session belongs to its cache_salt: a close naming another salt (or none) finds no session."""
+    session = f"tenant-{server.port}"
+    client.completions.create(model=model_name(server), prompt="The quick brown fox " * 5, max_tokens=2,
+                              extra_body={"session_id": session, "cache_salt": "tenant-a"})
+    url = f"{server.url}/v1/sessions/{session}/close"
+    assert_error(httpx.post(url), 404, session)
+    assert_error(httpx.post(url, json={"cache_salt": "tenant-b"}), 404, session)
+    assert_error(httpx.post(url, json={"cache_salt": 5}), 400, "cache_salt")
+    assert httpx.post(url, json={"cache_salt": "tenant-a"}).json()["closed"] is True
