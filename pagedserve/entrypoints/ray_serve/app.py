@@ -12,6 +12,7 @@ from ray.serve import Application
 
 from pagedserve.engine_args import EngineArgs
 from pagedserve.entrypoints.openai.serving import ServingOptions
+from pagedserve.local_ray import init_ray
 
 from .ingress import OpenAIIngress
 from .replica import EngineReplica
@@ -81,7 +82,7 @@ def build_application(engine_args: EngineArgs, options: ServingOptions, settings
 def run(app: Application, host: str, port: int, ray_address: str | None) -> int:
     """Serve `app` on host:port (a local Ray unless `ray_address`) until SIGINT/SIGTERM, then drain: Ray Serve
     stops sending requests and gives open ones the graceful-shutdown timeout. The exit status."""
-    ray.init(address=ray_address, logging_level=logging.WARNING)
+    init_ray(ray_address)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, whose own SIGTERM handler would kill us
         signal.signal(sig, lambda *_: stop.set())
