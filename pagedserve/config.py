@@ -9,6 +9,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from pagedserve.engine_args import SCHEDULING_POLICIES, EngineArgs
 from pagedserve.model_executor import checkpoint_quantization, gguf_loader
+from pagedserve.model_executor.layers.quantization import registry as quantization_registry
 from pagedserve.model_files import resolve_model
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -167,7 +168,7 @@ def resolve_tensor_parallel(size: int, backend: str | None, device: torch.device
     return size, backend or "mp"
 
 
-QUANTIZATION_METHODS = (None, "gguf", "int8", "int4", "gptq", "awq")  # vLLM's names
+QUANTIZATION_METHODS = (None, *quantization_registry.QUANTIZATION_METHODS)  # vLLM's names
 
 
 def resolve_quantization(requested: str | None, hf_config: PretrainedConfig, gguf_path: str | None,

@@ -145,7 +145,8 @@ def test_int8_weights_split_across_ranks(llama_dir):
     llm = LLM(llama_dir, **TINY, num_kv_blocks=64, quantization="int8", tensor_parallel_size=2)
     try:
         layer = llm.engine.model_runner.model.model.layers[0]
-        assert type(layer.self_attn.o_proj).__name__ == "Int8Linear"
+        method = layer.self_attn.o_proj.quant_method
+        assert type(method).__name__ == "QuantizeAtLoad" and type(method.format).__name__ == "Int8Format"
         assert layer.self_attn.o_proj.in_features == 32  # half of hidden 64: a row-parallel shard
         out = llm.generate([{"prompt_token_ids": PROMPTS[0]}], SamplingParams(max_tokens=8, ignore_eos=True),
                            use_tqdm=False)

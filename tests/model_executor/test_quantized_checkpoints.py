@@ -22,13 +22,22 @@ from safetensors.torch import save_file
 from pagedserve import LLM, SamplingParams
 from pagedserve.config import EngineArgs, create_engine_config
 from pagedserve.model_executor.checkpoint_quantization import CheckpointQuantization
+from pagedserve.model_executor.layers.linear import LinearBase
 from pagedserve.model_executor.layers.moe import FusedExperts
 from pagedserve.model_executor.layers.quantization import gptq_awq, int_quant
 from pagedserve.model_executor.layers.quantization.int_linear import (
-    Int4Linear,
-    Int8Linear,
-    QuantizedExperts,
+    Int4CheckpointExperts,
+    Int4CheckpointMethod,
+    Int4Format,
+    Int8Format,
+    IntExpertsAtLoad,
+    IntFormat,
+    QuantizeAtLoad,
     int4_group_size,
+)
+from pagedserve.model_executor.layers.quantization.unquantized import (
+    UnquantizedExpertsMethod,
+    UnquantizedLinearMethod,
 )
 from pagedserve.model_executor.loader import load_model
 
@@ -58,6 +67,20 @@ def assert_same_outputs(outs: list, refs: list) -> None:
             assert step.keys() == ref_step.keys()
             for token, entry in step.items():
                 assert entry.logprob == pytest.approx(ref_step[token].logprob, abs=1e-4)
+
+
+def int_formats(layer: torch.nn.Module) -> list[IntFormat]:
+    """The integer formats a layer's weights are quantized to at load (none for a float layer)."""
+    if isinstance(layer, LinearBase) and isinstance(layer.quant_method, QuantizeAtLoad):
+        return [layer.quant_method.format]
+    if isinstance(layer, FusedExperts) and isinstance(layer.quant_method, IntExpertsAtLoad):
+        return list(layer.quant_method.formats.values())
+    return []
+
+
+def float_linears(model: torch.nn.Module) -> set[str]:
+    return {name for name, m in model.named_modules()
+            if isinstance(m, LinearBase) and type(m.quant_method) is UnquantizedLinearMethod}
 
 
 # ------------------------------------------------------------------------------------ writing checkpoints
@@ -259,15 +282,16 @@ def test_checkpoint_layers_are_int4(packed, variant):
     config = create_engine_config(EngineArgs(packed[variant][0], dtype="float32"))
     assert config.quantization == VARIANTS[variant][1]["method"]
     model = load_model(config)
-    int4 = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    int4 = [m for m in model.modules()
+            if isinstance(m, LinearBase) and isinstance(m.quant_method, Int4CheckpointMethod)]
     if VARIANTS[variant][1].get("desc_act"):
         assert not int4
         return
-    assert int4 and not any(isinstance(m, FusedExperts) for m in model.modules())
-    floats = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    assert all(name == "lm_head" or name.endswith("gate") for name in floats), floats
+    experts = [m.quant_method for m in model.modules() if isinstance(m, FusedExperts)]
+    assert int4 and not any(isinstance(method, UnquantizedExpertsMethod) for method in experts)
+    assert all(name == "lm_head" or name.endswith("gate") for name in float_linears(model)), float_linears(model)
     if VARIANTS[variant][0] in ("mixtral", "qwen2-moe"):
-        assert any(isinstance(m, QuantizedExperts) for m in model.modules())
+        assert experts and all(isinstance(method, Int4CheckpointExperts) for method in experts)
 
 
 @pytest.mark.parametrize("variant", ["gptq-v1-asym-g32", "awq-mixtral"])
@@ -344,16 +368,21 @@ def test_quantized_at_load_matches_its_dequantized_weights(checkpoints, tmp_path
 def test_quantized_at_load_swaps_layers_and_shrinks_them(checkpoints, arch, method):
     float_model = load_model(create_engine_config(EngineArgs(checkpoints[arch], dtype="float32")))
     model = load_model(create_engine_config(EngineArgs(checkpoints[arch], dtype="float32", quantization=method)))
-    kind = Int8Linear if method == "int8" else Int4Linear
-    floats = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    assert floats == {"lm_head"} | {n for n in floats if n.endswith(".mlp.gate")}  # the head and MoE routers
-    assert not any(isinstance(m, FusedExperts) for m in model.modules())
-    assert any(isinstance(m, kind) for m in model.modules())
+    kind = Int8Format if method == "int8" else Int4Format
 
-    quantized = sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, kind) for b in m.buffers())
+    def quantized_layer(m: torch.nn.Module) -> bool:
+        formats = int_formats(m)
+        return bool(formats) and all(isinstance(f, kind) for f in formats)
+
+    floats = float_linears(model)
+    assert floats == {"lm_head"} | {n for n in floats if n.endswith(".mlp.gate")}  # the head and MoE routers
+    assert not any(isinstance(m, FusedExperts) and not quantized_layer(m) for m in model.modules())
+    assert any(quantized_layer(m) for m in model.modules())
+
+    quantized = sum(b.numel() * b.element_size() for m in model.modules() if quantized_layer(m) for b in m.buffers())
     weights = [p for name, m in float_model.named_modules() if isinstance(m, FusedExperts) for p in m.parameters()]
     weights += [m.weight for name, m in float_model.named_modules()
-                if isinstance(m, torch.nn.Linear) and name != "lm_head" and not name.endswith(".mlp.gate")]
+                if isinstance(m, LinearBase) and name != "lm_head" and not name.endswith(".mlp.gate")]
     ratio = quantized / sum(w.numel() * w.element_size() for w in weights)
     assert ratio < (0.27 if method == "int8" else 0.17), ratio  # float32 -> 1 byte (+ scales) / half a byte
 

@@ -1,71 +1,77 @@
-"""bf16 linear layers on the CPU with weights packed once for oneDNN.
-
-`F.linear` in bf16 re-lays the weight out for oneDNN's kernels on every call; packing once at load
-time saves that copy on every step (measured 1.1-1.9x faster per matmul on this machine).
-"""
+"""The linear layer every projection is: built with its quantization method (`quant_method`), which holds the
+weight in its format and multiplies by it; the layer keeps its shape, its bias and its fused parts' sizes
+(`local_sizes`), so that a checkpoint tensor of one part lands in that part's rows whatever the format."""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from pagedserve.model_executor.layers.parallel import ColumnParallelLinear
+from pagedserve.model_executor.layers.quantization.base import LinearMethod, WeightItem, copy_rows, float_tensor
+from pagedserve.model_executor.layers.quantization.config import QuantizationConfig
+
+NO_QUANTIZATION = QuantizationConfig()
 
 
-class GateUpLinear(ColumnParallelLinear):
-    """A fused gate/up projection whose output is only ever used as silu(gate) * up (SwiGLU MLPs)."""
+class LinearBase(nn.Module):
+    """x [.., in_features] -> [.., out_features]; with one rank, a plain linear layer in its method's format."""
 
-    def __init__(self, in_features: int, intermediate_size: int, bias: bool = True) -> None:
-        super().__init__(in_features, [intermediate_size, intermediate_size], bias)
+    silu_gate_up = False  # see quantization.base.QuantizableLayer
 
-    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self(x).split(self.out_features // 2, dim=-1)
-        return F.silu(gate) * up
-
-
-class PackedLinear(nn.Module):
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
+        local_sizes: list[int] | None = None,
+        quant_method: LinearMethod | None = None,
+    ) -> None:
+        """`local_sizes`: the rows of each fused part (default one part); `quant_method`: given instead of asking
+        `quant_config` for one (a head tied to the embedding takes the embedding's format)."""
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
-        self.bias = None if linear.bias is None else linear.bias.detach()
+        self.in_features, self.out_features = in_features, out_features
+        self.local_sizes = local_sizes or [out_features]
+        self.quant_method = quant_method or self.choose_method(quant_config or NO_QUANTIZATION, prefix)
+        self.quant_method.create_weights(self)
+        self.bias: nn.Parameter | None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    def choose_method(self, quant_config: QuantizationConfig, prefix: str) -> LinearMethod:
+        return quant_config.linear_method(self, prefix)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        return self.quant_method.apply(self, x)
+
+    def checkpoint_slice(self, tensor: torch.Tensor, param: str, part: int | None) -> torch.Tensor:
+        """This rank's piece of a checkpoint tensor (the whole of it here: see layers/parallel.py)."""
+        return tensor
+
+    def weight_names(self) -> tuple[str, ...]:
+        """What the checkpoint fills."""
+        return ("weight",) if self.bias is None else ("weight", "bias")
+
+    def weight_loader(self, param: str, item: WeightItem, shard: int | None) -> None:
+        """Load a checkpoint tensor of `param` (one of `weight_names`), or of its part `shard`."""
+        if isinstance(item, torch.Tensor):
+            item = self.checkpoint_slice(item, param, shard)
+        if param == "weight":
+            self.quant_method.load_weight(self, item, shard)
+        elif self.bias is not None:
+            copy_rows(self.bias, float_tensor(item), self.local_sizes, shard)
+
+    def process_weights_after_loading(self) -> None:
+        self.quant_method.process_weights_after_loading(self)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"method={type(self.quant_method).__name__}")
 
 
-class PackedGateUp(nn.Module):
-    """A GateUpLinear packed as two oneDNN weights, so that silu is the gate matmul's epilogue and the
-    multiply the up matmul's: no [tokens, 2 x intermediate] output, no silu or multiply pass (measured
-    2.1 -> 1.7 ms for a 1,024-token SmolLM2 MLP input)."""
+class Router(LinearBase):
+    """An MoE router (or a shared expert's sigmoid gate): replicated on every rank, its outputs are logits."""
 
-    def __init__(self, linear: GateUpLinear) -> None:
-        super().__init__()
-        size = linear.out_features // 2
-        weight = linear.weight.detach()
-        self.gate = torch.ops.mkldnn._reorder_linear_weight(weight[:size].contiguous(), 1)
-        self.up = torch.ops.mkldnn._reorder_linear_weight(weight[size:].contiguous(), 1)
-        bias = linear.bias
-        self.gate_bias = None if bias is None else bias.detach()[:size].contiguous()
-        self.up_bias = None if bias is None else bias.detach()[size:].contiguous()
-
-    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
-        gate = torch.ops.mkldnn._linear_pointwise(x, self.gate, self.gate_bias, "swish", [], "")
-        return torch.ops.mkldnn._linear_pointwise.binary(x, gate, self.up, self.up_bias, "mul")
-
-
-def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
-    """oneDNN's bf16 path needs AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT: without them (an AVX2-only CPU) the
-    reorder raises, and F.linear stays (PyTorch then converts bf16 through float32 itself)."""
-    return (device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def pack_linears(model: nn.Module) -> None:
-    """Swap every nn.Linear of the (loaded) model for a PackedLinear (a GateUpLinear for a PackedGateUp).
-    Quantized layers (`quantization.gguf.GGUFLinear`) are not nn.Linear and stay as they are."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, GateUpLinear):
-                setattr(module, name, PackedGateUp(child))
-            elif isinstance(child, nn.Linear):
-                setattr(module, name, PackedLinear(child))
+    def choose_method(self, quant_config: QuantizationConfig, prefix: str) -> LinearMethod:
+        return quant_config.logits_method(self, prefix)

@@ -58,6 +58,7 @@ def test_row_parallel_partials_sum_to_the_whole_with_the_bias_once(monkeypatch):
     full = torch.nn.Linear(32, 8)
     x = torch.randn(3, 32)
     total = torch.zeros(3, 8)
+    monkeypatch.setattr(parallel, "all_reduce", lambda x: x)  # the test sums the ranks' partials itself
     for rank in range(2):
         as_rank(monkeypatch, rank, 2)
         layer = RowParallelLinear(32, 8)

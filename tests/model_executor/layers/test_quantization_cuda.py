@@ -9,8 +9,9 @@ from gguf.quants import dequantize as reference_dequantize
 from gguf.quants import quantize as reference_quantize
 from test_quantization_gguf_kquants import random_blocks
 
+from pagedserve.model_executor.layers.linear import LinearBase
 from pagedserve.model_executor.layers.quantization import int_quant
-from pagedserve.model_executor.layers.quantization.gguf import KERNEL_TYPES, GGUFLinear
+from pagedserve.model_executor.layers.quantization.gguf import KERNEL_TYPES, GGUFLinearMethod
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -27,7 +28,7 @@ def _gguf_blocks(ggml_type: T) -> torch.Tensor:
 @pytest.mark.parametrize("ggml_type", sorted(KERNEL_TYPES), ids=lambda t: T(t).name)
 def test_gguf_linear_on_gpu(ggml_type: int) -> None:
     blocks = _gguf_blocks(T(ggml_type))
-    layer = GGUFLinear(torch.nn.Linear(K, N, bias=False, device="meta"), ggml_type)
+    layer = LinearBase(K, N, False, quant_method=GGUFLinearMethod(ggml_type))
     layer.blocks = blocks.cuda()
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(1))
     weight = torch.from_numpy(reference_dequantize(blocks.numpy(), T(ggml_type)).reshape(N, K)).double()

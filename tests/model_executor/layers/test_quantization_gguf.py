@@ -8,8 +8,10 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import quantize
 
 from pagedserve.model_executor import gguf_loader
+from pagedserve.model_executor.gguf_loader import QuantizedTensor
+from pagedserve.model_executor.layers.linear import LinearBase
 from pagedserve.model_executor.layers.quantization import gguf_q4_q8
-from pagedserve.model_executor.layers.quantization.gguf import GGUFEmbedding, GGUFLinear
+from pagedserve.model_executor.layers.quantization.gguf import GGUFEmbeddingMethod, GGUFLinearMethod
 
 TYPES = (T.Q4_0, T.Q4_1, T.Q8_0)
 
@@ -109,15 +111,18 @@ def test_fused_layer_with_bias(m: int) -> None:
     """A fused projection is its parts' block rows one after another: it computes each part's output."""
     k, sizes = 96, [40, 8, 8]
     parts = [random_blocks(rows, k, T.Q4_1, seed=i) for i, rows in enumerate(sizes)]
-    linear = torch.nn.Linear(k, sum(sizes), bias=True, dtype=torch.bfloat16)
-    layer = GGUFLinear(linear, T.Q4_1)
-    layer.blocks.copy_(torch.cat(parts))
-    assert layer.bias is linear.bias
+    layer = LinearBase(k, sum(sizes), True, local_sizes=sizes, quant_method=GGUFLinearMethod(T.Q4_1))
+    bias = torch.randn(sum(sizes), dtype=torch.bfloat16)
+    for shard, blocks in enumerate(parts):  # as the loader fills a fused layer, part by part
+        layer.weight_loader("weight", QuantizedTensor(blocks, T.Q4_1), shard)
+    layer.weight_loader("bias", bias, None)
+    layer.to(torch.bfloat16)
+    assert torch.equal(layer.blocks, torch.cat(parts))
     x = torch.randn(2, m, k, dtype=torch.bfloat16)
     out = layer(x)
     assert out.shape == (2, m, sum(sizes))
     expected = torch.cat([gguf_q4_q8.matmul(x.reshape(-1, k), p, T.Q4_1, p.shape[0]) for p in parts], -1)
-    torch.testing.assert_close(out, (expected + linear.bias).view(2, m, -1))
+    torch.testing.assert_close(out, (expected + bias).view(2, m, -1))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -163,8 +168,9 @@ def test_default_model_quantized_says_paris() -> None:
 
     llm = LLM(max_model_len=256, num_kv_blocks=32)  # a .gguf file runs on its blocks by default
     model = llm.engine.model_runner.model
-    assert isinstance(model.model.embed_tokens, GGUFEmbedding)  # Q8_0 in the file, and the head tied to it
-    assert isinstance(model.lm_head, GGUFLinear) and model.lm_head.blocks is model.model.embed_tokens.blocks
+    embedding = model.model.embed_tokens
+    assert isinstance(embedding.quant_method, GGUFEmbeddingMethod)  # Q8_0 in the file, and the head tied to it
+    assert isinstance(model.lm_head.quant_method, GGUFLinearMethod) and model.lm_head.blocks is embedding.blocks
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     out = llm.chat(messages, SamplingParams(max_tokens=24, temperature=0), use_tqdm=False)[0]
     assert "Paris" in out.outputs[0].text

@@ -11,10 +11,10 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFWriter
 from gguf.quants import dequantize as reference_dequantize
 
-from pagedserve.model_executor.gguf_loader import block_format
+from pagedserve.model_executor.gguf_loader import QuantizedTensor, block_format
+from pagedserve.model_executor.layers.linear import LinearBase
 from pagedserve.model_executor.layers.quantization import gguf_kquants
-from pagedserve.model_executor.layers.quantization.gguf import KERNEL_TYPES, GGUFLinear, GGUFParts
-from pagedserve.model_executor.loader import _gguf_layers
+from pagedserve.model_executor.layers.quantization.gguf import KERNEL_TYPES, GGUFLinearMethod, GGUFPartsMethod
 
 TYPES = (T.Q4_K, T.Q5_K, T.Q6_K)
 N, K = 37, 768  # odd N; K three super-blocks: a multiple of 256 that is not a power of two
@@ -155,20 +155,23 @@ def test_fused_layer_with_bias(m: int) -> None:
     assert {T.Q4_0, T.Q4_1, T.Q8_0, *TYPES} <= KERNEL_TYPES
     sizes = [40, 8, 8]
     parts = [random_blocks(rows, K, T.Q6_K, seed=i) for i, rows in enumerate(sizes)]
-    linear = torch.nn.Linear(K, sum(sizes), bias=True, dtype=torch.bfloat16)
-    layer = GGUFLinear(linear, T.Q6_K)
-    layer.blocks.copy_(torch.cat(parts))
+    layer = LinearBase(K, sum(sizes), True, local_sizes=sizes, quant_method=GGUFLinearMethod(T.Q6_K))
+    bias = torch.randn(sum(sizes), dtype=torch.bfloat16)
+    for shard, blocks in enumerate(parts):  # as the loader fills a fused layer, part by part
+        layer.weight_loader("weight", QuantizedTensor(blocks, T.Q6_K), shard)
+    layer.weight_loader("bias", bias, None)
+    layer.to(torch.bfloat16)
     x = torch.randn(2, m, K, dtype=torch.bfloat16)
     out = layer(x)
     assert out.shape == (2, m, sum(sizes))
     expected = torch.cat([gguf_kquants.matmul(x.reshape(-1, K), p, T.Q6_K, p.shape[0]) for p in parts], -1)
-    torch.testing.assert_close(out, (expected + linear.bias).view(2, m, -1))
+    torch.testing.assert_close(out, (expected + bias).view(2, m, -1))
 
 
 def test_layer_rejects_rows_that_are_not_whole_super_blocks() -> None:
     """576 (SmolLM2's hidden size) is a multiple of Q4_1's 32 but not of a K-quant's 256."""
     with pytest.raises(ValueError, match="block size 256"):
-        GGUFLinear(torch.nn.Linear(576, 64), T.Q4_K)
+        LinearBase(576, 64, True, quant_method=GGUFLinearMethod(T.Q4_K))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -229,8 +232,10 @@ def _logits_per_position(path: str, quantization: str | None, ids: list[int], de
     config = create_engine_config(EngineArgs(model=path, quantization=quantization, dtype="float32",
                                              dequantize_gguf=quantization is None, max_model_len=256))
     model = load_model(config)
-    assert len(_gguf_layers(model)) == (8 if quantization == "gguf" else 0)  # per layer: qkv, o, gate/up, down
-    assert any(isinstance(m, GGUFParts) for m in model.modules()) == (mixed and quantization == "gguf")
+    methods = [type(m.quant_method) for m in model.modules() if isinstance(m, LinearBase)]
+    on_blocks = [m for m in methods if m in (GGUFLinearMethod, GGUFPartsMethod)]
+    assert len(on_blocks) == (8 if quantization == "gguf" else 0)  # per layer: qkv, o, gate/up, down
+    assert (GGUFPartsMethod in methods) == (mixed and quantization == "gguf")
     return teacher_forced_logits(model, ids, decode, config.dtype, config.device)
 
 

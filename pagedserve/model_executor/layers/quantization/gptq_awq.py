@@ -1,5 +1,6 @@
-"""Pre-quantized 4-bit GPTQ and AWQ checkpoints: their `quantization_config`, and each projection's tensors
-converted to `Int4Linear`'s rows (w = (q - zero) * scale per group along K, as both formats define it).
+"""Pre-quantized 4-bit GPTQ and AWQ checkpoints: which layers are int4 (`CheckpointInt4Config`), and each
+projection's tensors converted to the int4 kernels' rows (w = (q - zero) * scale per group along K, as both
+formats define it).
 
 Checkpoint layouts (as vLLM reads them: `auto_gptq.py`, `auto_awq.py`'s AWQ -> GPTQ repacking,
 `awq_triton.py`'s dequantize kernel, `utils/quant_utils.py`'s `pack_rows` / `pack_cols` / `awq_pack`):
@@ -15,26 +16,34 @@ consecutive inputs) has no native kernel here; those projections are dequantized
 
 import logging
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from typing import cast
 
 import torch
 
-from pagedserve.model_executor.checkpoint_quantization import CheckpointQuantization
+from pagedserve.model_executor.checkpoint_quantization import (
+    CheckpointQuantization,
+    parse_config,
+    quantization_config,
+)
 from pagedserve.model_executor.layers.quantization import int_quant
+from pagedserve.model_executor.layers.quantization.base import (
+    ExpertsLayer,
+    ExpertsMethod,
+    Int4Rows,
+    LinearMethod,
+    QuantizableLayer,
+)
+from pagedserve.model_executor.layers.quantization.config import Checkpoint, QuantizationConfig, Weights
+from pagedserve.model_executor.layers.quantization.int_linear import (
+    Int4CheckpointExperts,
+    Int4CheckpointMethod,
+    Int4Format,
+)
 
 logger = logging.getLogger("pagedserve")
 
 SUFFIXES = frozenset({"qweight", "qzeros", "scales", "g_idx"})  # a quantized projection's tensors
 _AWQ_REVERSE_ORDER = [0, 4, 1, 5, 2, 6, 3, 7]  # column 8 j + i is nibble _AWQ_REVERSE_ORDER[i]
-
-
-@dataclass
-class Int4Rows:
-    """One projection's weight in Int4Linear's buffers (row n = output feature n)."""
-
-    packed: torch.Tensor
-    scales: torch.Tensor
-    zeros: torch.Tensor
 
 
 def check_tensors(quant: CheckpointQuantization, prefix: str, suffixes: set[str]) -> None:
@@ -68,7 +77,7 @@ def convert(
 def convert_projection(
     quant: CheckpointQuantization, prefix: str, tensors: Mapping[str, torch.Tensor]
 ) -> torch.Tensor | Int4Rows:
-    """One projection's checkpoint tensors -> its Int4Linear rows; under act-order, its float weight [N, K]."""
+    """One projection's checkpoint tensors -> its int4 rows; under act-order, its float weight [N, K]."""
     q, scales, zeros = (_unpack_gptq if quant.method == "gptq" else _unpack_awq)(quant, prefix, tensors)
     k = q.shape[1]
     in_order = torch.arange(k) // quant.group_of(k)
@@ -129,3 +138,65 @@ def _check_scales(quant: CheckpointQuantization, prefix: str, scales: torch.Tens
 def _check_shape(prefix: str, suffix: str, tensor: torch.Tensor, shape: tuple[int, int]) -> None:
     if tuple(tensor.shape) != shape:
         raise ValueError(f"{prefix}.{suffix} has shape {tuple(tensor.shape)}, expected {shape}")
+
+
+class CheckpointInt4Config(QuantizationConfig):
+    """A GPTQ / AWQ checkpoint (`quantization_config` in its config.json): each projection it quantizes is built as
+    an int4 layer (MoE experts as int4 experts) that its converted tensors fill; what it keeps float
+    (`modules_to_not_convert`, usually the head) stays float. Under act-order every projection is float."""
+
+    def __init__(self, quant: CheckpointQuantization, layout: dict[str, set[str]], linears: dict[str, str],
+                 experts: dict[str, str]) -> None:
+        """`layout`: quantized projection prefix -> its tensors' suffixes; `linears`, `experts`: the int4 layers'
+        module names -> a checkpoint prefix of theirs."""
+        self.quant, self.layout, self.linears, self.experts = quant, layout, linears, experts
+        self.built: set[str] = set()
+
+    @classmethod
+    def from_checkpoint(cls, method: str, checkpoint: Checkpoint) -> "CheckpointInt4Config":
+        quant = parse_config(quantization_config(checkpoint.hf_config) or {})
+        layout: dict[str, set[str]] = {}
+        for name in checkpoint.tensor_names():
+            prefix, _, suffix = name.rpartition(".")
+            if suffix in SUFFIXES:
+                layout.setdefault(prefix, set()).add(suffix)
+        for prefix, suffixes in layout.items():
+            check_tensors(quant, prefix, suffixes)
+        linears: dict[str, str] = {}
+        experts: dict[str, str] = {}
+        if not quant.act_order:
+            for prefix in layout:
+                name, expert, _ = checkpoint.target(f"{prefix}.weight")
+                if expert is None:
+                    linears[name.removesuffix(".weight")] = prefix
+                else:
+                    experts[name.rpartition(".")[0]] = prefix
+        return cls(quant, layout, linears, experts)
+
+    def linear_method(self, layer: QuantizableLayer, prefix: str) -> LinearMethod:
+        if prefix not in self.linears:
+            return super().linear_method(layer, prefix)
+        self.built.add(prefix)
+        return Int4CheckpointMethod(self.quant.group_of(layer.in_features))
+
+    def experts_method(self, layer: ExpertsLayer, prefix: str) -> ExpertsMethod:
+        if prefix not in self.experts:
+            return super().experts_method(layer, prefix)
+        self.built.add(prefix)
+        return Int4CheckpointExperts(Int4Format(self.quant.group_of(layer.hidden_size)),
+                                     Int4Format(self.quant.group_of(layer.intermediate_size)))
+
+    def check_built(self, model_name: str) -> None:
+        method = self.quant.method.upper()
+        for module, prefix in {**self.linears, **self.experts}.items():
+            if module not in self.built:
+                raise ValueError(f"{method} checkpoint: {prefix} has no linear layer in {model_name}")
+        if self.quant.act_order:
+            logger.info("GPTQ desc_act=True: %d projections dequantized to float at load (act-order groups have no "
+                        "int4 kernel; vLLM refuses such checkpoints)", len(self.layout))
+        else:
+            logger.info("%s weights: %d projections kept int4 (group size %s)", method, len(self.layout),
+                        self.quant.group_size or "per row")
+
+    def convert_weights(self, weights: Weights) -> Weights:
+        return convert(cast(Iterator[tuple[str, torch.Tensor]], weights), self.quant, self.layout)

@@ -1,107 +1,93 @@
-"""Linear layers and MoE experts whose weights are integers: int8 per output channel, int4 in groups along K.
+"""Integer weights for linear layers and MoE experts: int8 per output channel, int4 in groups along K.
 
-`Int8Linear` / `Int4Linear` take the place of an `nn.Linear` (keeping its bias parameter), as `GGUFLinear`
-does: `quantization="int8" | "int4"` quantizes a loaded float model with `quantize_model`, and GPTQ / AWQ
-checkpoints fill an empty `Int4Linear`'s buffers row range by row range (a fused q/k/v or gate/up layer is its
-parts' rows one after another, in every buffer). `QuantizedExperts` holds one quantized gate/up and one down
-layer per expert and reuses `GroupedExperts`' routing. The matmuls are `int_quant`'s.
+`quantization="int8" | "int4"` (`IntConfig`) builds every projection with a method that loads its float weight as
+an unquantized layer would and quantizes it after loading (`QuantizeAtLoad`); GPTQ / AWQ checkpoints
+(`gptq_awq.CheckpointInt4Config`) build it with empty int4 buffers that the checkpoint's rows fill
+(`Int4CheckpointMethod`; a fused q/k/v or gate/up layer is its parts' rows one after another, in every buffer).
+MoE experts hold the same tensors stacked per expert. The matmuls are `int_quant`'s.
 """
 
-from collections.abc import Callable
-from typing import cast
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
 import torch
-from torch import nn
+import torch.nn.functional as F
 
-from pagedserve.model_executor.layers.moe import FusedExperts, GroupedExperts, SparseMoeBlock
 from pagedserve.model_executor.layers.quantization import int_quant
-from pagedserve.model_executor.layers.quantization.base import QuantizedLinear
+from pagedserve.model_executor.layers.quantization.base import (
+    ExpertsLayer,
+    ExpertsMethod,
+    Int4Rows,
+    KernelLinearMethod,
+    LinearMethod,
+    QuantizableLayer,
+    WeightItem,
+    copy_rows,
+    empty_parameter,
+    float_tensor,
+)
+from pagedserve.model_executor.layers.quantization.config import Checkpoint, QuantizationConfig
+from pagedserve.model_executor.layers.quantization.unquantized import (
+    UnquantizedExpertsMethod,
+    UnquantizedLinearMethod,
+)
 
-INT_METHODS = ("int8", "int4")  # the `quantization` values that quantize a float checkpoint at load
+logger = logging.getLogger("pagedserve")
+
 INT4_GROUP_SIZE = 128
 
 
-class Int8Linear(QuantizedLinear):
+class IntFormat(ABC):
+    """One integer format: the tensors a weight [N, K] becomes, and the matmul that reads them."""
+
+    names: tuple[str, ...]  # the tensors, in the order `matmul` takes them
+
+    @abstractmethod
+    def quantize(self, weight: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
+
+    @abstractmethod
+    def matmul(self, rows: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """rows [M, K] @ W^T -> [M, N] in rows' dtype."""
+
+
+class Int8Format(IntFormat):
     """w = qweight * scales[n]: int8 [N, K], one float32 scale per output channel."""
 
-    qweight: torch.Tensor
-    scales: torch.Tensor
+    names = ("qweight", "scales")
 
-    def __init__(
-        self, in_features: int, out_features: int, bias: nn.Parameter | None = None, device: torch.device | None = None
-    ) -> None:
-        super().__init__(in_features, out_features, bias)
-        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device=device))
+    def quantize(self, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return int_quant.quantize_int8(weight)
 
-    @classmethod
-    def quantize(cls, weight: torch.Tensor, bias: nn.Parameter | None = None) -> "Int8Linear":
-        layer = cls(weight.shape[1], weight.shape[0], bias, weight.device)
-        layer.qweight, layer.scales = int_quant.quantize_int8(weight.detach())
-        return layer
-
-    def matmul(self, rows: torch.Tensor) -> torch.Tensor:
-        return int_quant.matmul_int8(rows, self.qweight, self.scales)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per channel"
+    def matmul(self, rows: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        qweight, scales = tensors
+        return int_quant.matmul_int8(rows, qweight, scales)
 
 
-class Int4Linear(QuantizedLinear):
+class Int4Format(IntFormat):
     """w = (q - zeros[n, g]) * scales[n, g] over groups of `group_size` weights along K; q packed by
     `int_quant.pack_int4` (whole rows), scales float32 and zeros uint8 [N, K / group_size]."""
 
-    packed: torch.Tensor
-    scales: torch.Tensor
-    zeros: torch.Tensor
+    names = ("packed", "scales", "zeros")
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        group_size: int,
-        bias: nn.Parameter | None = None,
-        device: torch.device | None = None,
-    ) -> None:
-        super().__init__(in_features, out_features, bias)
-        if group_size % 32 or in_features % group_size:
-            raise ValueError(f"int4 group size {group_size} must be a multiple of 32 dividing in_features "
-                             f"{in_features}")
+    def __init__(self, group_size: int) -> None:
         self.group_size = group_size
-        row_bytes = int_quant.pack_int4(torch.zeros(0, in_features, dtype=torch.uint8)).shape[1]
-        groups = in_features // group_size
-        self.register_buffer("packed", torch.empty(out_features, row_bytes, dtype=torch.uint8, device=device))
-        self.register_buffer("scales", torch.empty(out_features, groups, dtype=torch.float32, device=device))
-        self.register_buffer("zeros", torch.empty(out_features, groups, dtype=torch.uint8, device=device))
 
-    @classmethod
-    def quantize(cls, weight: torch.Tensor, group_size: int, bias: nn.Parameter | None = None) -> "Int4Linear":
-        layer = cls(weight.shape[1], weight.shape[0], group_size, bias, weight.device)
-        layer.packed, layer.scales, layer.zeros = int_quant.quantize_int4(weight.detach(), group_size)
-        return layer
+    def quantize(self, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return int_quant.quantize_int4(weight, self.group_size)
 
-    def matmul(self, rows: torch.Tensor) -> torch.Tensor:
-        return int_quant.matmul_int4(rows, self.packed, self.scales, self.zeros, self.group_size)
+    def empty(self, n: int, k: int, *experts: int) -> tuple[torch.Tensor, ...]:
+        """Empty tensors for a weight [N, K] (of each of `experts` experts), for a checkpoint's rows to fill."""
+        if self.group_size % 32 or k % self.group_size:
+            raise ValueError(f"int4 group size {self.group_size} must be a multiple of 32 dividing in_features {k}")
+        groups = k // self.group_size
+        return (torch.empty(*experts, n, 32 * -(-k // 64), dtype=torch.uint8),
+                torch.empty(*experts, n, groups, dtype=torch.float32),
+                torch.empty(*experts, n, groups, dtype=torch.uint8))
 
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"int4 group_size={self.group_size}")
-
-
-class QuantizedExperts(GroupedExperts):
-    """MoE experts with integer weights: `gate_up_proj[e]` (fused gate/up) and `down_proj[e]` per expert."""
-
-    def __init__(self, gate_up_proj: list[QuantizedLinear], down_proj: list[QuantizedLinear],
-                 first_expert: int = 0) -> None:
-        super().__init__()
-        self.num_experts = len(gate_up_proj)
-        self.first_expert = first_expert
-        self.gate_up_proj = nn.ModuleList(gate_up_proj)
-        self.down_proj = nn.ModuleList(down_proj)
-
-    def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
-        gate_up = cast(QuantizedLinear, self.gate_up_proj[expert])
-        return self.down_proj[expert](gate_up.silu_and_mul(x))
+    def matmul(self, rows: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        packed, scales, zeros = tensors
+        return int_quant.matmul_int4(rows, packed, scales, zeros, self.group_size)
 
 
 def int4_group_size(in_features: int) -> int | None:
@@ -111,65 +97,149 @@ def int4_group_size(in_features: int) -> int | None:
     return next((g for g in range(INT4_GROUP_SIZE - 32, 0, -32) if in_features % g == 0), None)
 
 
-def quantizer(method: str) -> Callable[[torch.Tensor, nn.Parameter | None], QuantizedLinear | None]:
-    """(float weight [N, K], bias) -> its integer layer for `method` ("int8" / "int4"), None if it cannot be."""
-    if method == "int8":
-        return Int8Linear.quantize
-
-    def int4(weight: torch.Tensor, bias: nn.Parameter | None) -> QuantizedLinear | None:
-        group_size = int4_group_size(weight.shape[1])
-        return None if group_size is None else Int4Linear.quantize(weight, group_size, bias)
-
-    if method == "int4":
-        return int4
-    raise ValueError(f"integer quantization must be one of {INT_METHODS}, got {method!r}")
+def _int4_rows(item: WeightItem) -> tuple[torch.Tensor, ...]:
+    if not isinstance(item, Int4Rows):
+        raise ValueError(f"a {type(item).__name__} for an int4 layer (its checkpoint tensors are qweight, qzeros, "
+                         "scales)")
+    return item.packed, item.scales, item.zeros
 
 
-def quantize_model(model: nn.Module, method: str) -> tuple[int, int]:
-    """Replace every linear layer but the head and the MoE routers (vLLM quantizes neither; embeddings and
-    norms are no linears) by its `method` form, and every `FusedExperts` by `QuantizedExperts`, in place.
-    Returns (layers quantized, layers kept float because no int4 group size fits their width)."""
-    quantize = quantizer(method)
-    routers = {id(m.gate) for m in model.modules() if isinstance(m, SparseMoeBlock)}
-    routers |= {id(m.shared_expert_gate) for m in model.modules() if isinstance(m, SparseMoeBlock)
-                and m.shared_expert is not None}
-    head = getattr(model, "lm_head", None)
-    done = kept = 0
-    quantized: nn.Module | None
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and child is not head and id(child) not in routers:
-                quantized = quantize(child.weight, child.bias)
-            elif isinstance(child, FusedExperts):
-                quantized = _quantize_experts(child, quantize)
-            else:
-                continue
-            if quantized is None:
-                kept += 1
-            else:
-                setattr(module, name, quantized)
-                done += 1
-    return done, kept
+class QuantizeAtLoad(KernelLinearMethod):
+    """int8 / int4 quantized at load: the float `weight` is loaded, then quantized into `format`'s tensors."""
+
+    def __init__(self, format: IntFormat) -> None:
+        self.format = format
+
+    def create_weights(self, layer: QuantizableLayer) -> None:
+        layer.register_parameter("weight", empty_parameter(layer.out_features, layer.in_features))
+
+    def load_weight(self, layer: QuantizableLayer, item: WeightItem, shard: int | None) -> None:
+        copy_rows(layer.weight, float_tensor(item), layer.local_sizes, shard)
+
+    def process_weights_after_loading(self, layer: QuantizableLayer) -> None:
+        for name, tensor in zip(self.format.names, self.format.quantize(layer.weight.detach()), strict=True):
+            layer.register_buffer(name, tensor)
+        layer.register_parameter("weight", None)
+
+    def matmul(self, layer: QuantizableLayer, rows: torch.Tensor) -> torch.Tensor:
+        return self.format.matmul(rows, [getattr(layer, name) for name in self.format.names])
 
 
-def _quantize_experts(
-    experts: FusedExperts, quantize: Callable[[torch.Tensor, nn.Parameter | None], QuantizedLinear | None]
-) -> QuantizedExperts | None:
-    layers = []
-    for weight in (*experts.gate_up_proj, *experts.down_proj):
-        layer = quantize(weight, None)
-        if layer is None:
-            return None
-        layers.append(layer)
-    return QuantizedExperts(layers[: experts.num_experts], layers[experts.num_experts :], experts.first_expert)
+class Int4CheckpointMethod(KernelLinearMethod):
+    """int4 buffers filled from a GPTQ / AWQ checkpoint's rows (`Int4Rows`), part by part for a fused layer."""
+
+    def __init__(self, group_size: int) -> None:
+        self.format = Int4Format(group_size)
+
+    def create_weights(self, layer: QuantizableLayer) -> None:
+        for name, tensor in zip(self.format.names, self.format.empty(layer.out_features, layer.in_features)):
+            layer.register_buffer(name, tensor)
+
+    def load_weight(self, layer: QuantizableLayer, item: WeightItem, shard: int | None) -> None:
+        for name, tensor in zip(self.format.names, _int4_rows(item)):
+            copy_rows(getattr(layer, name), tensor, layer.local_sizes, shard)
+
+    def matmul(self, layer: QuantizableLayer, rows: torch.Tensor) -> torch.Tensor:
+        return self.format.matmul(rows, [getattr(layer, name) for name in self.format.names])
 
 
-def empty_int4_experts(experts: FusedExperts, group_size: int | None) -> QuantizedExperts:
-    """Int4 experts of `experts`' shapes with empty buffers, for a GPTQ / AWQ checkpoint to fill
-    (group_size None: one group per row)."""
-    def layer(weight: torch.Tensor) -> QuantizedLinear:
-        n, k = weight.shape[1:]
-        return Int4Linear(k, n, group_size or k, device=weight.device)
+class _IntExperts(ExpertsMethod):
+    """Experts whose gate/up and down weights are in `formats` (one each): `{param}_{tensor}` stacked per expert."""
 
-    return QuantizedExperts([layer(experts.gate_up_proj) for _ in range(experts.num_experts)],
-                            [layer(experts.down_proj) for _ in range(experts.num_experts)])
+    def __init__(self, gate_up: IntFormat, down: IntFormat) -> None:
+        self.formats = {"gate_up_proj": gate_up, "down_proj": down}
+
+    def _matmul(self, layer: ExpertsLayer, param: str, expert: int, rows: torch.Tensor) -> torch.Tensor:
+        format = self.formats[param]
+        return format.matmul(rows, [getattr(layer, f"{param}_{name}")[expert] for name in format.names])
+
+    def expert_forward(self, layer: ExpertsLayer, expert: int, x: torch.Tensor) -> torch.Tensor:
+        gate_up = self._matmul(layer, "gate_up_proj", expert, x)
+        gate, up = gate_up.split(gate_up.shape[-1] // 2, dim=-1)
+        return self._matmul(layer, "down_proj", expert, F.silu(gate) * up)
+
+
+class IntExpertsAtLoad(_IntExperts):
+    """int8 / int4 experts quantized at load: loaded as float experts, then each expert's weights quantized."""
+
+    def __init__(self, gate_up: IntFormat, down: IntFormat) -> None:
+        super().__init__(gate_up, down)
+        self.floats = UnquantizedExpertsMethod()
+
+    def create_weights(self, layer: ExpertsLayer) -> None:
+        self.floats.create_weights(layer)
+
+    def load_weight(self, layer: ExpertsLayer, param: str, item: WeightItem, expert: int | None,
+                    shard: int | None) -> None:
+        self.floats.load_weight(layer, param, item, expert, shard)
+
+    def process_weights_after_loading(self, layer: ExpertsLayer) -> None:
+        for param, format in self.formats.items():
+            weights: torch.Tensor = getattr(layer, param).detach()
+            per_expert = [format.quantize(weight) for weight in weights]
+            for i, name in enumerate(format.names):
+                layer.register_buffer(f"{param}_{name}", torch.stack([tensors[i] for tensors in per_expert]))
+            layer.register_parameter(param, None)
+
+
+class Int4CheckpointExperts(_IntExperts):
+    """int4 experts filled from a GPTQ / AWQ checkpoint's per-expert rows."""
+
+    def create_weights(self, layer: ExpertsLayer) -> None:
+        shapes = {"gate_up_proj": (2 * layer.intermediate_size, layer.hidden_size),
+                  "down_proj": (layer.hidden_size, layer.intermediate_size)}
+        for param, format in self.formats.items():
+            assert isinstance(format, Int4Format)
+            for name, tensor in zip(format.names, format.empty(*shapes[param], layer.num_experts)):
+                layer.register_buffer(f"{param}_{name}", tensor)
+
+    def load_weight(self, layer: ExpertsLayer, param: str, item: WeightItem, expert: int | None,
+                    shard: int | None) -> None:
+        if expert is None:
+            raise ValueError("int4 experts are loaded expert by expert")
+        for name, tensor in zip(self.formats[param].names, _int4_rows(item)):
+            dest = getattr(layer, f"{param}_{name}")[expert]
+            copy_rows(dest, tensor, [dest.shape[0] // 2] * 2, shard)
+
+
+class IntConfig(QuantizationConfig):
+    """`quantization="int8" | "int4"`: every projection and MoE experts layer is quantized at load; the head and
+    the MoE routers stay float (their outputs are logits: vLLM quantizes neither; embeddings and norms are no
+    linears). Where no int4 group size fits a layer's width it stays float."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.quantized = self.kept_float = 0
+
+    @classmethod
+    def from_checkpoint(cls, method: str, checkpoint: Checkpoint) -> "IntConfig":
+        return cls(method)
+
+    def _format(self, in_features: int) -> IntFormat | None:
+        if self.method == "int8":
+            return Int8Format()
+        group_size = int4_group_size(in_features)
+        return None if group_size is None else Int4Format(group_size)
+
+    def _count(self, quantized: bool) -> None:
+        self.quantized += quantized
+        self.kept_float += not quantized
+
+    def linear_method(self, layer: QuantizableLayer, prefix: str) -> LinearMethod:
+        format = self._format(layer.in_features)
+        self._count(format is not None)
+        return UnquantizedLinearMethod() if format is None else QuantizeAtLoad(format)
+
+    def logits_method(self, layer: QuantizableLayer, prefix: str) -> LinearMethod:
+        return UnquantizedLinearMethod()
+
+    def experts_method(self, layer: ExpertsLayer, prefix: str) -> ExpertsMethod:
+        gate_up, down = self._format(layer.hidden_size), self._format(layer.intermediate_size)
+        self._count(gate_up is not None and down is not None)
+        if gate_up is None or down is None:
+            return UnquantizedExpertsMethod()
+        return IntExpertsAtLoad(gate_up, down)
+
+    def check_built(self, model_name: str) -> None:
+        logger.info("%s quantization at load: %d layers quantized; %d kept float (no int4 group size fits their "
+                    "width); embeddings, norms and the head stay float", self.method, self.quantized, self.kept_float)
