@@ -277,7 +277,7 @@ def test_checkpoint_matches_its_dequantized_weights(packed, variant, monkeypatch
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_checkpoint_layers_are_int4(packed, variant):
-    """Every decoder projection is an Int4Linear (MoE experts: QuantizedExperts), detected from config.json;
+    """Every decoder projection is built with the int4 checkpoint method (MoE experts too), detected from config.json;
     under act-order (no kernel) they are float."""
     config = create_engine_config(EngineArgs(packed[variant][0], dtype="float32"))
     assert config.quantization == VARIANTS[variant][1]["method"]

@@ -59,8 +59,10 @@ class LinearBase(nn.Module):
             item = self.checkpoint_slice(item, param, shard)
         if param == "weight":
             self.quant_method.load_weight(self, item, shard)
-        elif self.bias is not None:
+        elif param == "bias" and self.bias is not None:
             copy_rows(self.bias, float_tensor(item), self.local_sizes, shard)
+        else:
+            raise ValueError(f"{type(self).__name__} has no {param!r}")
 
     def process_weights_after_loading(self) -> None:
         self.quant_method.process_weights_after_loading(self)

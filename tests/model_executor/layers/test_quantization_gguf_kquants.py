@@ -151,7 +151,7 @@ def test_forced_path(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("m", [1, 16])
 def test_fused_layer_with_bias(m: int) -> None:
-    """GGUFLinear runs K-quant blocks on this family's kernel; a fused projection computes each part's output."""
+    """GGUF blocks of K-quants run on this family's kernel; a fused projection computes each part's output."""
     assert {T.Q4_0, T.Q4_1, T.Q8_0, *TYPES} <= KERNEL_TYPES
     sizes = [40, 8, 8]
     parts = [random_blocks(rows, K, T.Q6_K, seed=i) for i, rows in enumerate(sizes)]
@@ -241,7 +241,7 @@ def _logits_per_position(path: str, quantization: str | None, ids: list[int], de
 
 @pytest.mark.parametrize("v_type", [T.Q4_K, T.Q6_K], ids=["uniform", "mixed-qkv"])
 def test_kquant_model_end_to_end(tmp_path: "os.PathLike[str]", v_type: T) -> None:
-    """quantization="gguf" keeps every K-quant linear on the blocks (a q/k/v of mixed types as GGUFParts) and
+    """quantization="gguf" keeps every K-quant linear on the blocks (a q/k/v of mixed types with GGUFPartsMethod) and
     predicts as the dequantized model: the same
     greedy token at every position (the closest top-2 gap is 0.34 here), logits as close as the activation rounding
     of the decode kernel allows (up to 1/(127 * 256) of a sub-block's largest value per matmul, through two layers:
