@@ -181,7 +181,7 @@ class Sizes:
     def of(cls, tokenizer, system: str, sessions: list[Session]) -> Sizes:
         from common import ModelCost
 
-        from pagedserve.model_executor.gguf_loader import load_gguf_config
+        from pagedserve.gguf_file import load_gguf_config
         from pagedserve.model_files import default_model_path
 
         finals = [final_history_tokens(tokenizer, system, s) for s in sessions]

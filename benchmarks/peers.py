@@ -118,8 +118,10 @@ def export_hf_dir() -> str:
     import torch
     from transformers import LlamaForCausalLM
 
-    from pagedserve.model_executor.gguf_loader import iter_gguf_tensors, load_gguf_config, load_gguf_tokenizer
+    from pagedserve.gguf_file import load_gguf_config
+    from pagedserve.model_executor.gguf_weights import iter_gguf_tensors
     from pagedserve.model_files import default_model_path
+    from pagedserve.tokenizer import load_gguf_tokenizer
 
     gguf = default_model_path()
     log(f"exporting {gguf} -> {HF_DIR}")

@@ -131,10 +131,10 @@ def perplexity_worker(quick: bool) -> None:
 
     from pagedserve.config import create_engine_config
     from pagedserve.engine_args import EngineArgs
-    from pagedserve.model_executor.gguf_loader import load_gguf_tokenizer
     from pagedserve.model_executor.loader import load_model
     from pagedserve.model_executor.scoring import teacher_forced_logits
     from pagedserve.model_files import default_model_path
+    from pagedserve.tokenizer import load_gguf_tokenizer
 
     ids = load_gguf_tokenizer(default_model_path())(open(TEXT).read()).input_ids
     ids = ids[:128] if quick else ids

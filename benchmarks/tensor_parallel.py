@@ -42,8 +42,8 @@ def build_model(quick: bool) -> str:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from pagedserve.model_executor.gguf_loader import load_gguf_tokenizer
     from pagedserve.model_files import default_model_path
+    from pagedserve.tokenizer import load_gguf_tokenizer
 
     torch.manual_seed(0)
     config = Qwen2Config(**(QUICK_SHAPE if quick else QWEN2_05B), torch_dtype="bfloat16")

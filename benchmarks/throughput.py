@@ -42,12 +42,10 @@ from report import replace_section
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.engine.protocol import AddRequest, EngineStats
-from pagedserve.model_executor.gguf_loader import (
-    iter_gguf_tensors,
-    load_gguf_config,
-    load_gguf_tokenizer,
-)
+from pagedserve.gguf_file import load_gguf_config
+from pagedserve.model_executor.gguf_weights import iter_gguf_tensors
 from pagedserve.model_files import default_model_path, is_gguf_file
+from pagedserve.tokenizer import load_gguf_tokenizer
 
 HF_CACHE_DIR = os.path.expanduser("~/.cache/pagedserve/bench")
 

@@ -8,7 +8,8 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from pagedserve.engine_args import SCHEDULING_POLICIES, EngineArgs
-from pagedserve.model_executor import checkpoint_quantization, gguf_loader
+from pagedserve.gguf_file import load_gguf_config
+from pagedserve.model_executor import checkpoint_quantization
 from pagedserve.model_executor.layers.quantization import registry as quantization_registry
 from pagedserve.model_files import resolve_model
 
@@ -79,7 +80,7 @@ def resolve_dtype(dtype: str | torch.dtype, hf_config: PretrainedConfig, device:
 def create_engine_config(args: EngineArgs) -> EngineConfig:
     model_path, gguf_path = resolve_model(args.model, args.gguf_file)
     if gguf_path:
-        hf_config = gguf_loader.load_gguf_config(gguf_path)
+        hf_config = load_gguf_config(gguf_path)
     else:
         hf_config = AutoConfig.from_pretrained(model_path, local_files_only=True)
     if args.device == "auto":

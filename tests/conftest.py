@@ -1,7 +1,8 @@
 """Tiny random-weight checkpoints of each architecture, built with transformers' own config classes.
 
 Weights are drawn with std 0.2 so greedy choices are decisive (no near-ties that float noise could flip).
-A small BPE tokenizer with a ChatML template is trained on the spot. Nothing is downloaded.
+A small BPE tokenizer with a ChatML template is trained on the spot. Nothing is downloaded. The GGUF tests also
+get the default model as transformers loads it.
 """
 
 import os
@@ -138,3 +139,33 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def llama_dir(checkpoints) -> str:
     return checkpoints["llama"]
+
+
+# ---- the default model (SmolLM2, a GGUF file) as transformers itself loads it, for the GGUF tests -------------
+
+
+@pytest.fixture(scope="session")
+def hf_model() -> torch.nn.Module:
+    """SmolLM2 as loaded by transformers itself (slow: ~20 s, so once per session)."""
+    from transformers import AutoModelForCausalLM
+
+    from pagedserve.model_files import default_model_path
+
+    directory, name = os.path.split(default_model_path())
+    return AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer():
+    from transformers import AutoTokenizer
+
+    from pagedserve.model_files import default_model_path
+
+    directory, name = os.path.split(default_model_path())
+    return AutoTokenizer.from_pretrained(directory, gguf_file=name)
+
+
+@pytest.fixture
+def isolated_gguf_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GGUF tokenizers cached under the session's temporary folder, not the user's cache."""
+    monkeypatch.setenv("PAGEDSERVE_CACHE", str(tmp_path_factory.getbasetemp() / "pagedserve-cache"))

@@ -205,8 +205,8 @@ async def fetch_metrics(client: httpx.AsyncClient, base_url: str) -> dict[str, f
 
 def load_tokenizer(path: str | None):
     """A tokenizer from an HF directory or a .gguf file; None means the default model's (SmolLM2 GGUF)."""
-    from pagedserve.model_executor.gguf_loader import load_gguf_tokenizer
     from pagedserve.model_files import default_model_path, is_gguf_file
+    from pagedserve.tokenizer import load_gguf_tokenizer
 
     path = path or default_model_path()
     if is_gguf_file(path):

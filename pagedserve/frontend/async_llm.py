@@ -28,9 +28,9 @@ from pagedserve.frontend.core_client import ProcessCoreClient, ThreadCoreClient
 from pagedserve.frontend.input_processor import InputProcessor, PromptType
 from pagedserve.frontend.metrics import LoggingStatLogger, PrometheusMetrics
 from pagedserve.frontend.output_processor import OutputProcessor, RequestState
-from pagedserve.frontend.tokenizer import load_tokenizer
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
+from pagedserve.tokenizer import load_tokenizer
 
 logger = logging.getLogger("pagedserve")
 

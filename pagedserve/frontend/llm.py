@@ -13,9 +13,9 @@ from pagedserve.engine.engine_core import EngineCore
 from pagedserve.engine.protocol import AddRequest, EngineCoreRequest, EngineStats, StopSamples
 from pagedserve.frontend.input_processor import InputProcessor, PromptType
 from pagedserve.frontend.output_processor import OutputProcessor
-from pagedserve.frontend.tokenizer import load_tokenizer
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
+from pagedserve.tokenizer import load_tokenizer
 
 logger = logging.getLogger("pagedserve")
 

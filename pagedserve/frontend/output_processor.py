@@ -11,7 +11,7 @@ from typing import cast
 from transformers import PreTrainedTokenizerBase
 
 from pagedserve.engine.protocol import EngineCoreOutput
-from pagedserve.frontend.tokenizer import IncrementalDetokenizer
+from pagedserve.frontend.detokenizer import IncrementalDetokenizer
 from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput, SampleLogprobs
 from pagedserve.sampling_params import SamplingParams
 

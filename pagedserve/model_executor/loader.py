@@ -18,7 +18,7 @@ from tqdm import tqdm
 from transformers import PretrainedConfig
 
 from pagedserve.config import EngineConfig
-from pagedserve.model_executor import gguf_loader
+from pagedserve.model_executor import gguf_weights
 from pagedserve.model_executor.layers.linear import LinearBase
 from pagedserve.model_executor.layers.moe import FusedExperts
 from pagedserve.model_executor.layers.parallel import VocabParallelEmbedding
@@ -102,7 +102,7 @@ class CheckpointFiles:
     def gguf_tensor_types(self) -> dict[str, int]:
         if self.gguf_path is None:
             raise ValueError("the checkpoint is no GGUF file")
-        return gguf_loader.tensor_types(self.gguf_path)
+        return gguf_weights.tensor_types(self.gguf_path)
 
     def target(self, name: str) -> tuple[str, int | None, int | None]:
         return checkpoint_target(self.model_class, name)
@@ -215,7 +215,7 @@ def load_model(config: EngineConfig) -> CausalLM:
     model.tie_weights()
     weights: Iterator[tuple[str, WeightItem]]
     if config.gguf_path:
-        weights = gguf_loader.iter_gguf_tensors(config.gguf_path, config.dtype, quant_config.quantized_tensor_names())
+        weights = gguf_weights.iter_gguf_tensors(config.gguf_path, config.dtype, quant_config.quantized_tensor_names())
     else:
         weights = iter_safetensors(config.model_path)
     load_weights(module, quant_config.convert_weights(cls.map_checkpoint(weights)))

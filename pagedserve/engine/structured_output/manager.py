@@ -25,6 +25,7 @@ from pagedserve.engine.request import Request, RequestStatus
 from pagedserve.engine.structured_output.backend import GrammarBackend, GrammarMatcher, backend_class, choose_backend
 from pagedserve.model_executor.step import GrammarBitmask
 from pagedserve.sampling_params import StructuredOutputsParams
+from pagedserve.tokenizer import load_tokenizer
 
 logger = logging.getLogger("pagedserve")
 
@@ -122,8 +123,6 @@ class StructuredOutputManager:
             if name not in self._backends:
                 tokenizer = self._tokenizer
                 if tokenizer is None:
-                    from pagedserve.frontend.tokenizer import load_tokenizer
-
                     tokenizer = self._tokenizer = load_tokenizer(self.config)
                     # The logits may be wider than the tokenizer (a padded vocabulary): ids past it never pass.
                     self.vocab_size = max(self.config.hf_config.vocab_size, len(tokenizer))

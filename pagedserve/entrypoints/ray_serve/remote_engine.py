@@ -23,8 +23,8 @@ from pagedserve.config import EngineArgs, EngineConfig, create_engine_config
 from pagedserve.engine.protocol import AddRequest
 from pagedserve.frontend.async_llm import EngineDeadError, QueueFullError
 from pagedserve.frontend.input_processor import InputProcessor
-from pagedserve.frontend.tokenizer import load_tokenizer
 from pagedserve.outputs import RequestOutput
+from pagedserve.tokenizer import load_tokenizer
 
 from .replica_metrics import CALL_TIMEOUT_S, ReplicaMetrics
 from .router import ReplicaRequest

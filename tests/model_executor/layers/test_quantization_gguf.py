@@ -7,8 +7,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf.quants import quantize
 
-from pagedserve.model_executor import gguf_loader
-from pagedserve.model_executor.gguf_loader import QuantizedTensor
+from pagedserve.model_executor.gguf_weights import QuantizedTensor, dequantize
 from pagedserve.model_executor.layers.linear import LinearBase
 from pagedserve.model_executor.layers.quantization import gguf_q4_q8
 from pagedserve.model_executor.layers.quantization.gguf import GGUFEmbeddingMethod, GGUFLinearMethod
@@ -24,7 +23,7 @@ def random_blocks(n: int, k: int, ggml_type: T, seed: int = 0) -> torch.Tensor:
 
 def integer_part(blocks: torch.Tensor, ggml_type: T, n: int, k: int) -> torch.Tensor:
     """The part of each weight the kernel multiplies by int8 activations: w itself, or w - m for Q4_1."""
-    w = gguf_loader.dequantize(blocks.reshape(-1), ggml_type, (n, k)).double()
+    w = dequantize(blocks.reshape(-1), ggml_type, (n, k)).double()
     if ggml_type == T.Q4_1:
         m = blocks.reshape(n, k // 32, 20)[:, :, 2:4].contiguous().view(torch.float16).double()
         w = (w.reshape(n, k // 32, 32) - m).reshape(n, k)
@@ -37,7 +36,7 @@ def error_bound(x: torch.Tensor, blocks: torch.Tensor, ggml_type: T, n: int, pat
     rounding of the weight (the AMX kernel and the dequantized matmul) and of the output in bf16, float sums."""
     m, k = x.shape
     xd = x.double()
-    absprod = xd.abs() @ gguf_loader.dequantize(blocks.reshape(-1), ggml_type, (n, k)).double().abs().T
+    absprod = xd.abs() @ dequantize(blocks.reshape(-1), ggml_type, (n, k)).double().abs().T
     bound = 1e-5 * absprod
     if path == "vnni" and gguf_q4_q8.kernel(m, x.dtype, path) == "gemv":
         half_step = xd.reshape(m, k // 32, 32).abs().amax(-1) / (127 * 256)  # [m, blocks]
@@ -52,7 +51,7 @@ def check_matmul(ggml_type: T, n: int, k: int, m: int, path: str, dtype: torch.d
     """matmul against x W^T in float64, W dequantized by gguf's reference, within error_bound."""
     blocks = random_blocks(n, k, ggml_type)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
-    ref = x.double() @ gguf_loader.dequantize(blocks.reshape(-1), ggml_type, (n, k)).double().T
+    ref = x.double() @ dequantize(blocks.reshape(-1), ggml_type, (n, k)).double().T
     out = gguf_q4_q8.matmul(x, blocks, ggml_type, n, path)
     assert out.dtype == dtype and out.shape == (m, n)
     error = (out.double() - ref).abs()
@@ -152,8 +151,8 @@ def _argmax_per_position(quantization: str | None, ids: list[int], decode: bool)
 
 
 def test_default_model_quantized_agrees_with_dequantized() -> None:
-    from pagedserve.model_executor.gguf_loader import load_gguf_tokenizer
     from pagedserve.model_files import default_model_path
+    from pagedserve.tokenizer import load_gguf_tokenizer
 
     ids = load_gguf_tokenizer(default_model_path())(TEXT).input_ids
     reference = _argmax_per_position(None, ids, decode=False)

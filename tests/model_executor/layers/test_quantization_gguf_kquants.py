@@ -11,7 +11,8 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFWriter
 from gguf.quants import dequantize as reference_dequantize
 
-from pagedserve.model_executor.gguf_loader import QuantizedTensor, block_format
+from pagedserve.gguf_file import block_format
+from pagedserve.model_executor.gguf_weights import QuantizedTensor
 from pagedserve.model_executor.layers.linear import LinearBase
 from pagedserve.model_executor.layers.quantization import gguf_kquants
 from pagedserve.model_executor.layers.quantization.gguf import KERNEL_TYPES, GGUFLinearMethod, GGUFPartsMethod

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedserve.model_executor.gguf_loader import QuantizedTensor
+from pagedserve.model_executor.gguf_weights import QuantizedTensor
 
 
 @dataclass

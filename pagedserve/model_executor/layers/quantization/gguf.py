@@ -15,7 +15,8 @@ from collections import Counter
 import torch
 from gguf import GGMLQuantizationType
 
-from pagedserve.model_executor.gguf_loader import QuantizedTensor, block_format
+from pagedserve.gguf_file import block_format
+from pagedserve.model_executor.gguf_weights import QuantizedTensor
 from pagedserve.model_executor.layers.quantization import gguf_kquants, gguf_q4_q8
 from pagedserve.model_executor.layers.quantization.base import (
     EmbeddingMethod,

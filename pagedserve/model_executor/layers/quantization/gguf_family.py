@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pagedserve.model_executor import gguf_loader, native
+from pagedserve.model_executor import native
+from pagedserve.model_executor.gguf_weights import dequantize
 
 MAX_GEMV_ROWS = 8  # above this (without AMX: float32, portable), dequantize and matmul
 _DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
@@ -78,7 +79,7 @@ class Family:
         """The [n, k] weight in `dtype` (native on the CPU, torch ops elsewhere)."""
         library = self.load()
         if blocks.device.type != "cpu" or dtype not in _DTYPES or library is None:
-            return gguf_loader.dequantize(blocks.reshape(-1), ggml_type, (n, k)).to(dtype)
+            return dequantize(blocks.reshape(-1), ggml_type, (n, k)).to(dtype)
         out = torch.empty(n, k, dtype=dtype)
         getattr(library, f"{self.prefix}_dequant_{_DTYPES[dtype]}")(
             blocks.data_ptr(), out.data_ptr(), n, k, self.formats[ggml_type]
@@ -92,7 +93,7 @@ class Family:
         path = path or self.default_path()
         library = self.load()
         if path == "torch" or x.device.type != "cpu" or x.dtype not in _DTYPES or library is None:
-            return F.linear(x, gguf_loader.dequantize(blocks.reshape(-1), ggml_type, (n, k)).to(x.dtype))
+            return F.linear(x, dequantize(blocks.reshape(-1), ggml_type, (n, k)).to(x.dtype))
         which = self.kernel(m, x.dtype, path)
         if which == "dequantize":
             return F.linear(x, self.dequantize(blocks, ggml_type, n, k, x.dtype))

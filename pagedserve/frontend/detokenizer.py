@@ -1,21 +1,11 @@
-"""Text lives here: the tokenizer, chat templates, and incremental detokenization with stop strings."""
+"""Incremental detokenization with stop strings: the text of each output, one delta per step."""
 
 from typing import cast
 
 from tokenizers.decoders import DecodeStream
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from pagedserve.config import EngineConfig
-from pagedserve.model_executor import gguf_loader
 from pagedserve.sampling_params import SamplingParams
-
-
-def load_tokenizer(config: EngineConfig) -> PreTrainedTokenizerBase:
-    if config.tokenizer_path:
-        return AutoTokenizer.from_pretrained(config.tokenizer_path, local_files_only=True)
-    if config.gguf_path:
-        return gguf_loader.load_gguf_tokenizer(config.gguf_path)
-    return AutoTokenizer.from_pretrained(config.model_path, local_files_only=True)
 
 
 class IncrementalDetokenizer:

@@ -3,7 +3,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from pagedserve.frontend.tokenizer import IncrementalDetokenizer
+from pagedserve.frontend.detokenizer import IncrementalDetokenizer
 from pagedserve.sampling_params import SamplingParams
 
 TEXTS = [
