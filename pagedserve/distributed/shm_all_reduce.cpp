@@ -10,7 +10,7 @@
 #include <cstring>
 #include <thread>
 
-#include "../model_executor/native_simd.h"
+#include "simd.h"
 
 namespace {
 

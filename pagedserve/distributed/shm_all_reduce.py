@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pagedserve.model_executor import native
+from pagedserve.native import build
 
 _SOURCE = Path(__file__).with_name("shm_all_reduce.cpp")
 _HEADER = 4096
@@ -62,7 +62,7 @@ class ShmAllReduce:
         functions["shm_gather"] = (ctypes.c_int64, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                                     ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                                                     ctypes.c_int64, ctypes.c_double])
-        library = native.load(_SOURCE, "the shared-memory all-reduce", functions)
+        library = build.load(_SOURCE, "the shared-memory all-reduce", functions)
         return None if library is None else cls(library, rank, world_size, name, timeout_s)
 
     def supports(self, x: torch.Tensor) -> bool:

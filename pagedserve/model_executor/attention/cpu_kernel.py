@@ -1,4 +1,4 @@
-"""The native CPU attention kernels, built on first use (see `native.py`) and called via ctypes: decode from
+"""The native CPU attention kernels, built on first use (see `native/build.py`) and called via ctypes: decode from
 `paged_attention_cpu.cpp`, AMX prefill from `paged_prefill_cpu.cpp`. Without a C++ compiler, or with
 `PAGEDSERVE_ATTENTION_BACKEND=torch`, attention stays on the portable PyTorch path.
 """
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from pagedserve.model_executor import native
+from pagedserve.native import build
 
 _SOURCE = Path(__file__).with_name("paged_attention_cpu.cpp")
 _DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
@@ -26,9 +26,9 @@ def load_kernel() -> ctypes.CDLL | None:
     # soft_cap
     attention = [pointer, pointer, size, pointer, pointer, size, pointer, pointer, *[size] * 6, ctypes.c_float,
                  ctypes.c_float]
-    functions: dict[str, native.Signature] = {"paged_decode_attention_path": (ctypes.c_int, [size])}
+    functions: dict[str, build.Signature] = {"paged_decode_attention_path": (ctypes.c_int, [size])}
     functions.update({f"paged_decode_attention_{dtype}": (None, attention) for dtype in _DTYPES.values()})
-    return native.load(_SOURCE, "decode attention", functions)
+    return build.load(_SOURCE, "decode attention", functions)
 
 
 def kernel_path(head_dim: int) -> str:
@@ -82,7 +82,7 @@ def load_prefill_kernel() -> ctypes.CDLL | None:
     if os.environ.get("PAGEDSERVE_ATTENTION_BACKEND", "native") == "torch":
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    return native.load(_PREFILL_SOURCE, "prefill attention", {
+    return build.load(_PREFILL_SOURCE, "prefill attention", {
         "paged_prefill_attention_supported": (ctypes.c_int, [size, size]),
         "paged_prefill_attention_bf16": (None, [
             pointer, size, pointer, size, pointer, size, size, size, size, pointer, pointer, pointer, pointer, size,

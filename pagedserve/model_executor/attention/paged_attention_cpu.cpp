@@ -8,7 +8,7 @@
 
 #include <vector>
 
-#include "../native_simd.h"
+#include "simd.h"
 
 namespace {
 

@@ -20,8 +20,8 @@
 #include <algorithm>
 #include <vector>
 
-#include "../native_simd.h"
-#include "../native_amx.h"
+#include "simd.h"
+#include "amx.h"
 
 #if defined(__AMX_BF16__) && defined(__AVX512BF16__)
 

@@ -2,9 +2,9 @@
 // rotary embeddings applied in place. In PyTorch each is several ops (square, mean, rsqrt, multiply, cast; or
 // two multiplies, a negation, a concatenation and an add), each a full pass over the activations; at prefill
 // sizes those passes were about a quarter of a step. Math in float32, one rounding when stored.
-// Plain C ABI (called through ctypes), built on first use like the attention kernel (see native.py).
+// Plain C ABI (called through ctypes), built on first use like the attention kernel (see native/build.py).
 
-#include "../native_simd.h"
+#include "simd.h"
 
 namespace {
 

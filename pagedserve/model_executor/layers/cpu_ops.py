@@ -1,4 +1,4 @@
-"""Fused element-wise layer ops on the CPU (`cpu_ops.cpp`, built on first use, see native.py): RMSNorm, residual
+"""Fused element-wise layer ops on the CPU (`cpu_ops.cpp`, built on first use, see native/build.py): RMSNorm, residual
 add + RMSNorm, and rotary embeddings in place. Callers check `supports(x)` and otherwise use PyTorch ops.
 
 Measured on this CPU (SmolLM2-135M, bf16, 2 threads) before they were written: at prefill sizes the PyTorch
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from pagedserve.model_executor import native
+from pagedserve.native import build
 
 _SOURCE = Path(__file__).with_name("cpu_ops.cpp")
 _DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
@@ -29,7 +29,7 @@ def load() -> ctypes.CDLL | None:
     """The compiled library, or None (PAGEDSERVE_NATIVE=0, or no compiler: one warning)."""
     functions = {f"{name}_{suffix}": (None, argtypes) for name, argtypes in _SIGNATURES.items()
                  for suffix in _DTYPES.values()}
-    return native.load(_SOURCE, "RMSNorm and rope", functions)
+    return build.load(_SOURCE, "RMSNorm and rope", functions)
 
 
 def supports(x: torch.Tensor) -> bool:

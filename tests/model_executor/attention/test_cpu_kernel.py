@@ -5,8 +5,8 @@ import logging
 import pytest
 import torch
 
-from pagedserve.model_executor import native
 from pagedserve.model_executor.attention import cpu_kernel
+from pagedserve.native import build
 
 # (head_dim, query heads, KV heads): 64 / 128 / 256 take the AVX-512 path where the CPU has it, 24 the portable one
 SHAPES = [(64, 9, 3), (128, 8, 8), (256, 8, 2), (24, 4, 1)]
@@ -32,7 +32,7 @@ def reference(q, kv_cache, block_tables, context_lens, window, scale, soft_cap):
 
 def expected_path(head_dim: int) -> str:
     """The AVX-512 loop for the head sizes it is specialised for, on a CPU that has AVX-512; else the portable."""
-    has_avx512 = " avx512f " in f" {native.cpu_flags()} "
+    has_avx512 = " avx512f " in f" {build.cpu_flags()} "
     return "avx512" if has_avx512 and head_dim in (64, 128, 256) else "portable"
 
 

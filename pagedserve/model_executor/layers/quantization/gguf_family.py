@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pagedserve.model_executor import native
 from pagedserve.model_executor.gguf_weights import dequantize
+from pagedserve.native import build
 
 MAX_GEMV_ROWS = 8  # above this (without AMX: float32, portable), dequantize and matmul
 _DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
@@ -40,7 +40,7 @@ class Family:
     @functools.cache  # noqa: B019 (see the class docstring)
     def load(self) -> ctypes.CDLL | None:
         """The compiled library, or None (PAGEDSERVE_NATIVE=0, or no compiler: one warning)."""
-        functions: dict[str, native.Signature] = {
+        functions: dict[str, build.Signature] = {
             f"{self.prefix}_has_vnni": (_C, []),
             f"{self.prefix}_has_amx": (_C, []),
             f"{self.prefix}_gemm_bf16": (None, [_P, _P, _P, _I, _I, _I, _C]),
@@ -48,11 +48,11 @@ class Family:
         for suffix in _DTYPES.values():
             functions[f"{self.prefix}_gemv_{suffix}"] = (None, [_P, _P, _P, _I, _I, _I, _C, _C])
             functions[f"{self.prefix}_dequant_{suffix}"] = (None, [_P, _P, _I, _I, _C])
-        return native.load(self.source, self.what, functions)
+        return build.load(self.source, self.what, functions)
 
     def default_path(self) -> str:
         """`PAGEDSERVE_GGUF_KERNEL` if set, else vnni where the build has it, else portable, else torch."""
-        return native.forced_path("PAGEDSERVE_GGUF_KERNEL") or self._native_path()
+        return build.forced_path("PAGEDSERVE_GGUF_KERNEL") or self._native_path()
 
     @functools.cache  # noqa: B019
     def _native_path(self) -> str:

@@ -26,18 +26,18 @@
 // by table look-ups, at most 32 values per sub-block). The super-block's tiles (16 KiB) stay in L1 while every x
 // tile passes over them, the C tiles kept in memory between super-blocks; the first pass dequantizes super-block
 // b + 1 while the tile unit multiplies b. x is packed once into AMX's pair layout and the C tiles are transposed
-// back and rounded to bf16 (pack_x, store_tiles: native_amx.h, shared with gguf_q4_q8.cpp). Dequantizing is the
+// back and rounded to bf16 (pack_x, store_tiles: native/amx.h, shared with gguf_q4_q8.cpp). Dequantizing is the
 // cost bf16 weights do not pay: it sets the row range where this kernel runs (gguf_kquants.py: MIN_AMX_ROWS,
 // MAX_AMX_ROWS).
 // dequant: W to bf16 / float32 rows, for the batches the AMX kernel does not take (a matmul on the dequantized
 // weight).
-// Plain C ABI (called through ctypes), built on first use (see native.py).
+// Plain C ABI (called through ctypes), built on first use (see native/build.py).
 
 #include <algorithm>
 #include <cstdlib>
 
-#include "../../native_simd.h"
-#include "../../native_amx.h"
+#include "simd.h"
+#include "amx.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define KQ_AVX512 1

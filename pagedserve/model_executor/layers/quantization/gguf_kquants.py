@@ -12,12 +12,12 @@ from pathlib import Path
 
 from gguf import GGMLQuantizationType
 
-from pagedserve.model_executor import native
 from pagedserve.model_executor.layers.quantization.gguf_family import MAX_GEMV_ROWS, Family
+from pagedserve.native import build
 
 _T = GGMLQuantizationType
 FORMATS: dict[int, int] = {_T.Q4_K: 0, _T.Q5_K: 1, _T.Q6_K: 2}  # ggml type -> the C++ format id
-PATHS = native.KERNEL_PATHS
+PATHS = build.KERNEL_PATHS
 # The AMX kernel's row range (bf16, one thread, (N, K) = (3072, 768) and (768, 2048)):
 # dequantizing a K-quant super-block costs more than a legacy block, so the GEMV keeps up to 4 rows (from 5 rows
 # on AMX is faster for every format); dequantize + matmul is faster from 768 rows on.

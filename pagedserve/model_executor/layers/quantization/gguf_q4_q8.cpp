@@ -23,12 +23,12 @@
 // `dequant`'s. Dequantizing is the cost that bf16 weights do not pay (~4 cycles per block of 32 weights here):
 // it sets the row range where this kernel runs (gguf_q4_q8.py: MIN_AMX_ROWS, MAX_AMX_ROWS).
 // dequant: W to bf16 / float32 rows, for the batched path elsewhere (a matmul on the dequantized weight).
-// Plain C ABI (called through ctypes), built on first use (see native.py).
+// Plain C ABI (called through ctypes), built on first use (see native/build.py).
 
 #include <algorithm>
 
-#include "../../native_simd.h"
-#include "../../native_amx.h"
+#include "simd.h"
+#include "amx.h"
 
 
 namespace {

@@ -15,12 +15,12 @@ from pathlib import Path
 
 from gguf import GGMLQuantizationType
 
-from pagedserve.model_executor import native
 from pagedserve.model_executor.layers.quantization.gguf_family import MAX_GEMV_ROWS, Family
+from pagedserve.native import build
 
 _T = GGMLQuantizationType
 FORMATS: dict[int, int] = {_T.Q4_0: 0, _T.Q4_1: 1, _T.Q8_0: 2}  # ggml type -> the C++ format id
-PATHS = native.KERNEL_PATHS
+PATHS = build.KERNEL_PATHS
 MIN_AMX_ROWS = 3  # from here on the AMX kernel beats the GEMV (bf16; they tie at 2 rows, see docs/architecture.md)
 MAX_AMX_ROWS = 512  # above this, dequantize + matmul is as fast (measured: oneDNN blocks large M better)
 

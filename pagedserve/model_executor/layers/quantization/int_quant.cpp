@@ -19,7 +19,7 @@
 // the other batched path (torch's matmul on it).
 //
 // Without VNNI (or with `portable`) plain loops dot float weights with the exact activations.
-// Plain C ABI (called through ctypes), built on first use (see native.py).
+// Plain C ABI (called through ctypes), built on first use (see native/build.py).
 
 #include <algorithm>
 #include <cstdlib>
@@ -27,8 +27,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "../../native_simd.h"
-#include "../../native_amx.h"
+#include "simd.h"
+#include "amx.h"
 
 
 namespace {

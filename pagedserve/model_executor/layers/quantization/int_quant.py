@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pagedserve.model_executor import native
+from pagedserve.native import build
 
-PATHS = native.KERNEL_PATHS
+PATHS = build.KERNEL_PATHS
 # Where the batched kernels take over (measured, docs/architecture.md): int8 on AMX int8 tiles from
 # MIN_INT8_AMX_ROWS rows; int4 with bf16 x on AMX bf16 tiles (the weight dequantized tile by tile) above
 # MAX_INT4_GEMV_ROWS_AMX rows; int4 without AMX or with float32 x dequantizes the weight and calls torch's matmul
@@ -50,7 +50,7 @@ _P, _I, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 @functools.cache
 def load() -> ctypes.CDLL | None:
     """The compiled library, or None (PAGEDSERVE_NATIVE=0, or no compiler: one warning)."""
-    functions: dict[str, native.Signature] = {
+    functions: dict[str, build.Signature] = {
         "int_has_vnni": (_C, []),
         "int_has_amx": (_C, []),
         "int4_matmul_amx_bf16": (None, [_P, _P, _P, _P, _P, _I, _I, _I, _I]),
@@ -60,12 +60,12 @@ def load() -> ctypes.CDLL | None:
         functions[f"int8_matmul_amx_{suffix}"] = (None, [_P, _P, _P, _P, _I, _I, _I])
         functions[f"int4_matmul_{suffix}"] = (None, [_P, _P, _P, _P, _P, _I, _I, _I, _I, _C])
         functions[f"int4_dequant_{suffix}"] = (None, [_P, _P, _P, _P, _I, _I, _I])
-    return native.load(_SOURCE, "int8 / int4 matmul", functions)
+    return build.load(_SOURCE, "int8 / int4 matmul", functions)
 
 
 def default_path() -> str:
     """`PAGEDSERVE_INT_KERNEL` if set, else vnni where the build has it, else portable, else torch."""
-    return native.forced_path("PAGEDSERVE_INT_KERNEL") or _native_path()
+    return build.forced_path("PAGEDSERVE_INT_KERNEL") or _native_path()
 
 
 @functools.cache

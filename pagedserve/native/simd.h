@@ -1,5 +1,5 @@
 // What the native CPU kernels share: bfloat16 <-> float32 conversions (scalar and 16 lanes of AVX-512) and a
-// vectorised exp. Included by the .cpp files next to their Python wrappers (see native.py).
+// vectorised exp. Included by the .cpp files next to their Python wrappers (see build.py).
 #pragma once
 
 #include <cmath>

@@ -1,5 +1,6 @@
 """Native C++ code built on first use: a source file next to its Python wrapper is compiled with the system
-g++ (`-O3 -march=native -fopenmp`, no torch headers: plain C ABI called through ctypes) and cached in
+g++ (`-O3 -march=native -fopenmp`, no torch headers: plain C ABI called through ctypes; `-I` this folder, so a
+source includes the shared headers as `#include "simd.h"`, `#include "amx.h"`) and cached in
 `~/.cache/pagedserve/kernels`, keyed by the source, the compiler flags and this CPU's feature flags (it is built
 for this CPU). The build takes about a second. Without a compiler, or with `PAGEDSERVE_NATIVE=0`, `load`
 returns None and callers keep their PyTorch path. OpenMP is the libgomp the torch wheel already loaded (same
@@ -33,11 +34,20 @@ def cpu_flags() -> str:
     return platform.processor()
 
 
+HEADERS = Path(__file__).parent  # the shared headers, on the compiler's include path
+
+
+def _header(source: Path, name: str) -> Path:
+    """Where the compiler finds `#include "name"`: beside the source, else in HEADERS."""
+    beside = source.parent / name
+    return beside if beside.exists() else HEADERS / name
+
+
 def _sources(source: Path) -> list[str]:
     """The source and the local headers it includes (`#include "..."`), whose text keys the cache."""
     text = source.read_text()
     headers = re.findall(r'^#include "([^"]+)"', text, re.MULTILINE)
-    return [text, *((source.parent / header).read_text() for header in headers)]
+    return [text, *(_header(source, header).read_text() for header in headers)]
 
 
 def _build(source: Path, compiler: str) -> Path:
@@ -50,8 +60,8 @@ def _build(source: Path, compiler: str) -> Path:
         cache_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:  # build aside, then rename: safe between processes
             built = Path(tmp) / library.name
-            subprocess.run([compiler, *FLAGS, str(source), "-o", str(built)], check=True, capture_output=True,
-                           text=True)
+            subprocess.run([compiler, *FLAGS, f"-I{HEADERS}", str(source), "-o", str(built)], check=True,
+                           capture_output=True, text=True)
             built.replace(library)
     return library
 
