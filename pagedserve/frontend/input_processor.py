@@ -3,7 +3,7 @@
 from transformers import PreTrainedTokenizerBase
 
 from pagedserve.engine.protocol import AddRequest, ModelLimits, validate_request, validate_session
-from pagedserve.engine.structured_output.backend import choose_backend
+from pagedserve.engine.structured_output.backends import choose_backend
 from pagedserve.sampling_params import SamplingParams, check_text
 
 PromptType = str | dict

@@ -14,7 +14,7 @@ from engine_utils import assert_all_blocks_free, make_engine, run_all
 from pagedserve import LLM
 from pagedserve.engine.protocol import AddRequest
 from pagedserve.engine.request import RequestStatus
-from pagedserve.engine.structured_output.backend import backend_class, choose_backend
+from pagedserve.engine.structured_output.backends import backend_class, choose_backend
 from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
 
 BACKENDS = ["xgrammar", "guidance"]
@@ -160,6 +160,13 @@ def test_auto_takes_guidance_for_what_xgrammar_cannot_do():
     assert choose_backend(StructuredOutputsParams(regex="a+"), "auto") == "xgrammar"
     with pytest.raises(ValueError, match="invalid regex"):  # both reject it: xgrammar's message
         choose_backend(StructuredOutputsParams(regex="(a)\\1"), "auto")
+
+
+def test_backends_by_name_only():
+    assert [backend_class(name).name for name in BACKENDS] == BACKENDS
+    for name in ("auto", "outlines", "Guidance", ""):
+        with pytest.raises(ValueError, match="unknown structured outputs backend"):
+            backend_class(name)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

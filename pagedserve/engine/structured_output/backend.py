@@ -1,4 +1,4 @@
-"""The grammar backend interface, which backend takes a request, and what both backends share.
+"""The grammar backend interface, and what both backends share.
 
 A backend compiles a `StructuredOutputsParams` into a grammar once for the tokenizer; each sample then gets a
 `GrammarMatcher` that follows the tokens it accepts and writes which tokens may come next into a row of an
@@ -14,7 +14,6 @@ with 8, 166 unbounded (longest 278). `disable_any_whitespace` allows none beyond
 `whitespace_pattern` (a regex for the whitespace between tokens; guidance only) replaces the bound.
 """
 
-import functools
 import json
 import re
 from abc import ABC, abstractmethod
@@ -70,47 +69,6 @@ class GrammarBackend(ABC):
     @abstractmethod
     def new_matcher(self, grammar: Any) -> GrammarMatcher:
         """A matcher at the start of the grammar."""
-
-
-def choose_backend(params: StructuredOutputsParams, configured: str) -> str:
-    """The backend that compiles `params` ("xgrammar" or "guidance"); a ValueError if it cannot.
-
-    `configured` is the engine's `structured_outputs_config` backend. "auto" is xgrammar, and guidance
-    (llguidance) for what xgrammar rejects: regex or Lark features its parser lacks, Lark grammars that name
-    special tokens (`<|im_end|>`, which xgrammar resolves only with a tokenizer), `whitespace_pattern`, and
-    JSON schemas with keywords xgrammar 0.2 accepts but does not enforce as written: minLength/maxLength,
-    contains, uniqueItems (see backend_xgrammar.unenforced_json_keyword).
-    Only parsing happens here (well under a millisecond for a tool-sized schema), and the answer is cached.
-    """
-    return _choose_backend(params.key(), configured)
-
-
-@functools.lru_cache(maxsize=1024)
-def _choose_backend(key: str, configured: str) -> str:
-    params = StructuredOutputsParams(**json.loads(key))
-    if configured != "auto":
-        backend_class(configured).check(params)
-        return configured
-    try:
-        backend_class("xgrammar").check(params)
-        return "xgrammar"
-    except ValueError as xgrammar_error:
-        try:
-            backend_class("guidance").check(params)
-        except ValueError:
-            raise xgrammar_error from None
-        return "guidance"
-
-
-def backend_class(name: str) -> type[GrammarBackend]:
-    """Imported on first use: a server that never sees a constrained request never loads either library."""
-    if name == "xgrammar":
-        from pagedserve.engine.structured_output.backend_xgrammar import XgrammarBackend
-
-        return XgrammarBackend
-    from pagedserve.engine.structured_output.backend_guidance import GuidanceBackend
-
-    return GuidanceBackend
 
 
 # ---- what the backends share -------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ from transformers import PreTrainedTokenizerBase
 
 from pagedserve.config import EngineConfig
 from pagedserve.engine.request import Request, RequestStatus
-from pagedserve.engine.structured_output.backend import GrammarBackend, GrammarMatcher, backend_class, choose_backend
+from pagedserve.engine.structured_output.backend import GrammarBackend, GrammarMatcher
+from pagedserve.engine.structured_output.backends import backend_class, choose_backend
 from pagedserve.model_executor.step import GrammarBitmask
 from pagedserve.sampling_params import StructuredOutputsParams
 from pagedserve.tokenizer import load_tokenizer
