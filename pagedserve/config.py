@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from pagedserve.distributed.parallel_state import check_kv_heads
 from pagedserve.engine_args import SCHEDULING_POLICIES, EngineArgs
 from pagedserve.gguf_file import load_gguf_config
 from pagedserve.model_executor import checkpoint_quantization
@@ -41,7 +42,7 @@ class EngineConfig:
     # checkpoint's 4-bit weights (see loader.py and layers/quantization/)
     quantization: str | None = None
     tensor_parallel_size: int = 1
-    distributed_executor_backend: str = "mp"  # "mp" or "ray": how ranks > 0 run (distributed/executor.py)
+    distributed_executor_backend: str = "mp"  # "mp" or "ray": how ranks > 0 run (executor/tensor_parallel.py)
     # Every id that ends a turn: the union of config.json's and generation_config.json's eos_token_id, the
     # config's first id first (as vLLM and transformers' generate stop on any of them).
     eos_token_ids: tuple[int, ...] = ()
@@ -135,14 +136,6 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         distributed_executor_backend=executor_backend,
         eos_token_ids=eos_token_ids(hf_config, None if gguf_path else model_path),
     )
-
-
-def check_kv_heads(num_kv_heads: int, size: int) -> None:
-    """Key/value heads split evenly across `size` ranks, or each is shared by `size // num_kv_heads` of them (the
-    rule `layers.parallel.kv_heads_held` applies)."""
-    if num_kv_heads % size and size % num_kv_heads:
-        raise ValueError(f"num_key_value_heads={num_kv_heads} is not divisible by tensor_parallel_size={size} "
-                         "(nor the other way round)")
 
 
 EXECUTOR_BACKENDS = ("mp", "ray")  # vLLM's distributed_executor_backend values that run here

@@ -1,4 +1,5 @@
-"""This process's place in the tensor-parallel group, and the collectives the model and the runner use.
+"""This process's place in the tensor-parallel group, the collectives the model and the runner use, and the rules
+for splitting sizes across the ranks.
 
 One group per engine: rank 0 is the engine process (scheduler, sampler), ranks 1.. are workers. With one rank
 (the default) nothing is initialised and every collective returns its input untouched, so a model built for
@@ -54,6 +55,14 @@ def divide(total: int, what: str) -> int:
     if total % _size:
         raise ValueError(f"{what}={total} is not divisible by tensor_parallel_size={_size}")
     return total // _size
+
+
+def check_kv_heads(num_kv_heads: int, size: int) -> None:
+    """Key/value heads split evenly across `size` ranks, or each is shared by `size // num_kv_heads` of them (the
+    rule `layers.parallel.kv_heads_held` applies)."""
+    if num_kv_heads % size and size % num_kv_heads:
+        raise ValueError(f"num_key_value_heads={num_kv_heads} is not divisible by tensor_parallel_size={size} "
+                         "(nor the other way round)")
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from pagedserve.config import EngineConfig
-from pagedserve.distributed.executor import WorkerFailed, make_model_runner
 from pagedserve.engine.kv_cache_manager import KVCacheManager
 from pagedserve.engine.protocol import (
     AddRequest,
@@ -44,6 +43,8 @@ from pagedserve.engine.request import Request, RequestStatus
 from pagedserve.engine.scheduler import Scheduler, make_policy
 from pagedserve.engine.sessions import session_key
 from pagedserve.engine.structured_output.manager import StructuredOutputManager
+from pagedserve.executor import make_executor
+from pagedserve.executor.base import Executor, WorkerFailed
 from pagedserve.model_executor.step import ModelRunnerOutput, SchedulerOutput
 from pagedserve.sampling_params import SamplingParams
 
@@ -67,7 +68,7 @@ class LaunchedStep:
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.model_runner = make_model_runner(config)  # a TensorParallelRunner when split across ranks
+        self.model_runner: Executor = make_executor(config)  # a TensorParallelExecutor when split across ranks
         num_blocks = self.model_runner.num_kv_blocks
         self.kv_cache_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.sessions = self.kv_cache_manager.sessions

@@ -1,6 +1,6 @@
 """Runs one scheduled step: packs the flat batch, runs the model, samples. Makes no scheduling decisions.
 
-Under tensor parallelism every rank runs one (distributed/executor.py) on its shard: all apply the same diffs and
+Under tensor parallelism every rank runs one (executor/tensor_parallel.py) on its shard: all apply the same diffs and
 run the same forward; rank 0 samples and the others take its ids."""
 
 import logging
@@ -88,7 +88,7 @@ class ModelRunner:
         self.generators: dict[str, torch.Generator] = {}  # seeded requests' own generators
 
     def close(self) -> None:
-        """Nothing to release here (a TensorParallelRunner, in its place, stops its workers)."""
+        """Nothing to release here (a TensorParallelExecutor, in its place, stops its workers)."""
 
     def kv_bytes_per_block(self) -> int:
         attn = self.model.attention_layers()[0]

@@ -14,7 +14,7 @@ from entrypoints.openai.server_utils import ServerProcess
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.distributed import parallel_state
-from pagedserve.distributed.executor import WorkerFailed
+from pagedserve.executor.base import WorkerFailed
 from pagedserve.sampling_params import StructuredOutputsParams
 
 TINY = dict(dtype="float32", max_model_len=256)
@@ -41,7 +41,7 @@ def worker_pids(root: int | None = None) -> list[int]:
             todo.append(pid)
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if b"pagedserve.distributed.worker_process" in f.read():
+                    if b"pagedserve.executor.worker_process" in f.read():
                         found.append(pid)
             except OSError:
                 pass

@@ -4,7 +4,7 @@
 import pytest
 
 from pagedserve import LLM, SamplingParams
-from pagedserve.distributed.executor import WorkerFailed
+from pagedserve.executor.base import WorkerFailed
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'pagedserve[ray]')")
 

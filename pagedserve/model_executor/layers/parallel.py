@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedserve.config import check_kv_heads
-from pagedserve.distributed.parallel_state import all_reduce, divide, tp_rank, tp_size
+from pagedserve.distributed.parallel_state import all_reduce, check_kv_heads, divide, tp_rank, tp_size
 from pagedserve.model_executor.layers.linear import NO_QUANTIZATION, LinearBase
 from pagedserve.model_executor.layers.quantization.base import LinearMethod, WeightItem
 from pagedserve.model_executor.layers.quantization.config import QuantizationConfig

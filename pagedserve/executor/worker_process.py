@@ -1,5 +1,5 @@
 """A tensor-parallel worker's process (`distributed_executor_backend="mp"`): `python -m
-pagedserve.distributed.worker_process FD LOG_LEVEL`, FD its end of the socket pair rank 0 drives it over.
+pagedserve.executor.worker_process FD LOG_LEVEL`, FD its end of the socket pair rank 0 drives it over.
 
 It receives (config, rank, init method, backend), builds its `Worker`, replies None (or the error), then runs the
 calls it receives in order, replying to each with None or the error's text; "close" ends it, and so does the
@@ -11,7 +11,7 @@ import os
 import sys
 from multiprocessing.connection import Connection
 
-from pagedserve.distributed.executor import Worker
+from pagedserve.executor.tensor_parallel import Worker
 
 
 def main(fd: int, log_level: int) -> None:

@@ -1,10 +1,10 @@
-"""Tensor parallelism's model runner: rank 0's `ModelRunner` in the engine process, plus one worker per other rank
+"""Tensor parallelism's executor: rank 0's `ModelRunner` in the engine process, plus one worker per other rank
 (a process, or a Ray actor) that runs the same steps on its shard of the weights and of the KV cache.
 
 Every rank applies the same `SchedulerOutput` diffs and runs the same forward, so the collectives inside the model
 (layers/parallel.py) meet. Rank 0 alone samples, and broadcasts the sampled ids, which the workers append to their
 persistent batches. The scheduler, the block accounting and the grammar state stay with rank 0's engine core: to
-it, this is a `ModelRunner`.
+it, this is an `Executor` like a `ModelRunner`.
 
 Failures: a fault caused by a step's data strikes every rank at the same point (they run the same code on the same
 inputs), so each raises, and the engine core retries the step without the request at fault as with one rank. A
@@ -26,14 +26,11 @@ import torch
 
 from pagedserve.config import EngineConfig
 from pagedserve.distributed.parallel_state import destroy_tensor_parallel, init_tensor_parallel, tp_size
+from pagedserve.executor.base import WorkerFailed
 from pagedserve.model_executor.model_runner import ModelRunner
 from pagedserve.model_executor.step import ModelRunnerOutput, SchedulerOutput
 
 logger = logging.getLogger("pagedserve")
-
-
-class WorkerFailed(RuntimeError):
-    """The ranks are out of step (a worker died, or failed where rank 0 did not): the engine cannot go on."""
 
 
 def rank_config(config: EngineConfig, rank: int) -> EngineConfig:
@@ -92,7 +89,7 @@ class ProcessWorker:
         ours, theirs = socket.socketpair()
         with theirs:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "pagedserve.distributed.worker_process", str(theirs.fileno()),
+                [sys.executable, "-m", "pagedserve.executor.worker_process", str(theirs.fileno()),
                  str(logging.getLogger("pagedserve").getEffectiveLevel())],
                 pass_fds=(theirs.fileno(),),
             )
@@ -188,7 +185,7 @@ def _free_address(host: str) -> str:
         return f"tcp://{host}:{s.getsockname()[1]}"
 
 
-class TensorParallelRunner:
+class TensorParallelExecutor:
     """What the engine core holds instead of a ModelRunner when tensor_parallel_size > 1."""
 
     def __init__(self, config: EngineConfig) -> None:
@@ -218,7 +215,7 @@ class TensorParallelRunner:
         except BaseException:
             self._stop()
             raise
-        self._finalizer = weakref.finalize(self, TensorParallelRunner._shut_down, list(self.workers))
+        self._finalizer = weakref.finalize(self, TensorParallelExecutor._shut_down, list(self.workers))
 
     @property
     def model(self) -> Any:
@@ -260,12 +257,12 @@ class TensorParallelRunner:
                 raise WorkerFailed(f"tensor-parallel worker {rank} failed: {worker_errors[0]}")
 
     def _stop(self) -> None:
-        TensorParallelRunner._shut_down(self.workers)
+        TensorParallelExecutor._shut_down(self.workers)
         self.workers = []
 
     @staticmethod
     def _shut_down(workers: list[WorkerHandle]) -> None:
-        """Stop the workers and leave the group (also when the runner is collected unclosed, or at exit)."""
+        """Stop the workers and leave the group (also when the executor is collected unclosed, or at exit)."""
         for worker in workers:
             worker.stop()
         destroy_tensor_parallel()
@@ -277,10 +274,3 @@ def _for_workers(sched: SchedulerOutput) -> SchedulerOutput:
     if sched.grammar_bitmask is None and not sched.banned_token_ids:
         return sched
     return dataclasses.replace(sched, grammar_bitmask=None, banned_token_ids={})
-
-
-def make_model_runner(config: EngineConfig) -> ModelRunner | TensorParallelRunner:
-    if config.tensor_parallel_size == 1:
-        return ModelRunner(config)
-    return TensorParallelRunner(config)
-
