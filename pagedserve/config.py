@@ -7,11 +7,10 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from pagedserve import checkpoint_quantization
 from pagedserve.distributed.parallel_state import check_kv_heads
 from pagedserve.engine_args import SCHEDULING_POLICIES, EngineArgs
 from pagedserve.gguf_file import load_gguf_config
-from pagedserve.model_executor import checkpoint_quantization
-from pagedserve.model_executor.layers.quantization import registry as quantization_registry
 from pagedserve.model_files import resolve_model
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -162,7 +161,7 @@ def resolve_tensor_parallel(size: int, backend: str | None, device: torch.device
     return size, backend or "mp"
 
 
-QUANTIZATION_METHODS = (None, *quantization_registry.QUANTIZATION_METHODS)  # vLLM's names
+QUANTIZATION_METHODS = (None, *checkpoint_quantization.QUANTIZATION_METHODS)  # vLLM's names
 
 
 def resolve_quantization(requested: str | None, hf_config: PretrainedConfig, gguf_path: str | None,

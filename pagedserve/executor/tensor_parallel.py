@@ -27,6 +27,7 @@ import torch
 from pagedserve.config import EngineConfig
 from pagedserve.distributed.parallel_state import destroy_tensor_parallel, init_tensor_parallel, tp_size
 from pagedserve.executor.base import WorkerFailed
+from pagedserve.local_ray import init_ray
 from pagedserve.model_executor.model_runner import ModelRunner
 from pagedserve.model_executor.step import ModelRunnerOutput, SchedulerOutput
 
@@ -194,16 +195,14 @@ class TensorParallelExecutor:
                              "process); shut it down first")
         world_size = config.tensor_parallel_size
         backend = "nccl" if config.device.type == "cuda" else "gloo"
+        make_worker: type[ProcessWorker] | type[RayWorker] = ProcessWorker
         if config.distributed_executor_backend == "ray":
             import ray
 
             if not ray.is_initialized():
-                ray.init(logging_level=logging.WARNING)
-            host = ray.util.get_node_ip_address()
-            make_worker: type[ProcessWorker] | type[RayWorker] = RayWorker
-        else:
-            host, make_worker = "127.0.0.1", ProcessWorker
-        init_method = _free_address(host)
+                init_ray()  # a local instance: loopback only, no dashboard
+            make_worker = RayWorker
+        init_method = _free_address("127.0.0.1")  # every rank is on this node (the Ray actors are pinned to it)
         logger.info("tensor parallel: %d ranks (%s workers, %s)", world_size, config.distributed_executor_backend,
                     backend)
         self.workers: list[WorkerHandle] = []

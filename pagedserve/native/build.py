@@ -78,6 +78,14 @@ def forced_path(variable: str) -> str | None:
     return forced or None
 
 
+def batch_invariant() -> bool:
+    """PAGEDSERVE_BATCH_INVARIANT=1 (or vLLM's VLLM_BATCH_INVARIANT=1): every quantized matmul runs its row-wise
+    GEMV kernel whatever the number of rows, so a row's result, and a greedy token, is the same alone or in any
+    batch. By default batches of more rows take faster kernels (AMX tiles, dequantize + matmul) whose reduction
+    order differs from the GEMV's. Read on every call: the tests switch it."""
+    return "1" in (os.environ.get("PAGEDSERVE_BATCH_INVARIANT"), os.environ.get("VLLM_BATCH_INVARIANT"))
+
+
 def load(source: Path, what: str, functions: Mapping[str, Signature]) -> ctypes.CDLL | None:
     """The compiled library of `source` with the ctypes signatures of its `functions` (name -> (restype,
     argtypes)) declared, or None if `PAGEDSERVE_NATIVE=0`, or (with one warning naming what falls back) if it

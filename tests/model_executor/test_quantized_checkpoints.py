@@ -20,8 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pagedserve import LLM, SamplingParams
+from pagedserve.checkpoint_quantization import CheckpointQuantization
 from pagedserve.config import EngineArgs, create_engine_config
-from pagedserve.model_executor.checkpoint_quantization import CheckpointQuantization
 from pagedserve.model_executor.layers.linear import LinearBase
 from pagedserve.model_executor.layers.moe import FusedExperts
 from pagedserve.model_executor.layers.quantization import gptq_awq, int_quant

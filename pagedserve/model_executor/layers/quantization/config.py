@@ -1,9 +1,9 @@
 """Which method each layer is built with.
 
 A `QuantizationConfig` is made from the checkpoint before the model is built (`from_checkpoint`, the class found
-by name in `registry.QUANTIZATION_METHODS`) and handed down to every layer with the layer's name (vLLM's
-`quant_config` and `prefix`); each layer asks it for its method once, in its constructor. This base class is no
-quantization: every layer holds float weights.
+by name in `pagedserve/checkpoint_quantization.QUANTIZATION_METHODS`) and handed down to every layer with the
+layer's name (vLLM's `quant_config` and `prefix`); each layer asks it for its method once, in its constructor.
+This base class is no quantization: every layer holds float weights.
 """
 
 from collections.abc import Iterator

@@ -69,7 +69,10 @@ class Family:
         return library is not None and bool(getattr(library, f"{self.prefix}_has_amx")())
 
     def kernel(self, m: int, dtype: torch.dtype, path: str) -> str:
-        """What `matmul` runs for m rows of `dtype` on a native `path`: "amx", "gemv" or "dequantize" (+ matmul)."""
+        """What `matmul` runs for m rows of `dtype` on a native `path`: "amx", "gemv" or "dequantize" (+ matmul).
+        The GEMV reduces each row on its own, in the same order for any m: batch-invariant mode takes it always."""
+        if build.batch_invariant():
+            return "gemv"
         if path == "vnni" and dtype == torch.bfloat16 and self.min_amx_rows <= m <= self.max_amx_rows \
                 and self.has_amx():
             return "amx"

@@ -20,7 +20,7 @@ from typing import cast
 
 import torch
 
-from pagedserve.model_executor.checkpoint_quantization import (
+from pagedserve.checkpoint_quantization import (
     CheckpointQuantization,
     parse_config,
     quantization_config,

@@ -142,7 +142,7 @@ def matmul_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, pa
     x, qweight, scales = x.contiguous(), qweight.contiguous(), scales.float().contiguous()
     out = torch.empty(m, n, dtype=x.dtype)
     pointers = (x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), out.data_ptr(), m, n, k)
-    if path == "vnni" and m >= MIN_INT8_AMX_ROWS and has_amx():
+    if path == "vnni" and m >= MIN_INT8_AMX_ROWS and has_amx() and not build.batch_invariant():
         getattr(_library(), f"int8_matmul_amx_{_DTYPES[x.dtype]}")(*pointers)
     else:
         getattr(_library(), f"int8_matmul_{_DTYPES[x.dtype]}")(*pointers, int(path == "portable"))
@@ -225,8 +225,10 @@ def matmul_int4(
     _check_int4(packed, scales, zeros, k, group_size)
     if not _runs_natively(x, path):
         return F.linear(x, _dequantize_int4_torch(packed, scales, zeros, group_size, x.dtype))
-    amx = path == "vnni" and x.dtype == torch.bfloat16 and has_amx()
+    amx = path == "vnni" and x.dtype == torch.bfloat16 and has_amx() and not build.batch_invariant()
     max_gemv_rows = MAX_INT4_GEMV_ROWS_AMX if amx else MAX_INT4_GEMV_ROWS
+    if build.batch_invariant():  # the row-wise GEMV for any number of rows (see native/build.batch_invariant)
+        max_gemv_rows = m
     if m > max_gemv_rows and not amx:
         return F.linear(x, dequantize_int4(packed, scales, zeros, group_size, x.dtype))
     n = packed.shape[0]

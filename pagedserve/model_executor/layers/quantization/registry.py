@@ -1,22 +1,14 @@
-"""The quantization methods by vLLM's names: the one list of them. The engine config validates a requested method
-against it without importing the methods (their kernels, the layers); the loader makes the method's
-`QuantizationConfig` from the checkpoint with the class named here (`config_class`), imported when it is used."""
+"""From a quantization method's name (pagedserve/checkpoint_quantization.QUANTIZATION_METHODS, the one list, which
+the engine config validates against without importing the methods) to its `QuantizationConfig` class, imported
+when it is used: the loader makes the method's config from the checkpoint with it."""
 
 import importlib
 from typing import TYPE_CHECKING, cast
 
-from pagedserve.model_executor import checkpoint_quantization
+from pagedserve.checkpoint_quantization import QUANTIZATION_METHODS
 
 if TYPE_CHECKING:
     from pagedserve.model_executor.layers.quantization.config import QuantizationConfig
-
-QUANTIZATION_METHODS: dict[str, str] = {  # name -> its QuantizationConfig, "module:class" in this package
-    "gguf": "gguf:GGUFConfig",  # compute on a GGUF file's blocks
-    "int8": "int_linear:IntConfig",  # quantize a float checkpoint at load
-    "int4": "int_linear:IntConfig",
-    # the checkpoint's own 4-bit weights (its config.json's quantization_config), in the formats its parser reads
-    **dict.fromkeys(checkpoint_quantization.METHODS, "gptq_awq:CheckpointInt4Config"),
-}
 
 
 def config_class(method: str | None) -> type["QuantizationConfig"]:

@@ -1,13 +1,24 @@
-"""A checkpoint's own quantization (`quantization_config` in config.json: GPTQ, AWQ), read and checked without
-torch, so that the engine config (and the front end that imports it) stays light. The tensors themselves are
-converted in `layers/quantization/gptq_awq.py`."""
+"""The quantization methods by vLLM's names, and a checkpoint's own quantization (`quantization_config` in
+config.json: GPTQ, AWQ), read and checked without torch, so that the engine config (and the front end that
+imports it) stays light. The methods themselves live in `model_executor/layers/quantization/`: the registry there
+imports the config class each name gives, when it is used; the GPTQ / AWQ tensors are converted in its
+`gptq_awq.py`."""
 
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from transformers import PretrainedConfig
 
-METHODS = ("gptq", "awq")
+METHODS = ("gptq", "awq")  # a checkpoint's own 4-bit weights, in the formats parse_config reads
+
+# The one list of quantization methods: name -> its QuantizationConfig, "module:class" in
+# pagedserve.model_executor.layers.quantization (a name, so that this module imports none of it).
+QUANTIZATION_METHODS: dict[str, str] = {
+    "gguf": "gguf:GGUFConfig",  # compute on a GGUF file's blocks
+    "int8": "int_linear:IntConfig",  # quantize a float checkpoint at load
+    "int4": "int_linear:IntConfig",
+    **dict.fromkeys(METHODS, "gptq_awq:CheckpointInt4Config"),
+}
 
 
 @dataclass(frozen=True)
