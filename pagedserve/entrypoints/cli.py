@@ -138,13 +138,18 @@ def _stop_starting(signum: int, frame: object) -> None:
 
 
 def _serving_options(ns: argparse.Namespace) -> "ServingOptions":
+    from pagedserve.entrypoints.openai.responses.store import check_store_url
     from pagedserve.entrypoints.openai.serving import ServingOptions
 
+    if ns.responses_store is not None:
+        check_store_url(ns.responses_store)  # a bad URL fails start-up now, before the model loads
     return ServingOptions(
         model_name=_served_model_name(ns), chat_template=_read_chat_template(ns.chat_template),
         trust_request_chat_template=ns.trust_request_chat_template,
         enable_prompt_tokens_details=ns.enable_prompt_tokens_details,
         enable_auto_tool_choice=ns.enable_auto_tool_choice, tool_call_parser=ns.tool_call_parser,
+        responses_store=ns.responses_store, responses_ttl_s=ns.responses_ttl,
+        responses_max_stored=ns.responses_max_stored, server_address=f"{socket.gethostname()}:{ns.port}",
     )
 
 
@@ -226,9 +231,22 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
                        help="the model family's tool-call format")
     serve.add_argument("--max-engine-restarts", type=int, default=3,
                        help="restarts of a dead engine allowed within ten minutes before the server exits with 1")
+    _add_responses_args(serve)
     _add_ray_args(serve)
     add_engine_args(serve)
     _add_log_level(serve)
+
+
+def _add_responses_args(serve: argparse.ArgumentParser) -> None:
+    responses = serve.add_argument_group("/v1/responses: the response store")
+    responses.add_argument("--responses-store", default=None, metavar="URL",
+                           help="where stored responses live: sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB "
+                                "(several servers on one database); default: a SQLite file, "
+                                "$XDG_CACHE_HOME/pagedserve/responses.db (~/.cache/...)")
+    responses.add_argument("--responses-ttl", type=_positive_float, default=30 * 24 * 3600.0, metavar="S",
+                           help="seconds a stored response is kept (default 30 days)")
+    responses.add_argument("--responses-max-stored", type=_positive_int, default=100_000, metavar="N",
+                           help="most stored responses; past it the oldest are dropped (default 100000)")
 
 
 def _add_ray_args(serve: argparse.ArgumentParser) -> None:
@@ -253,6 +271,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
     return value
 
 
