@@ -143,7 +143,7 @@ class TextConfig(BaseModel):
 
 
 class ResponsesRequest(SamplingFields):
-    input: str | list[InputItem]
+    input: list[InputItem] | str  # the list first: its errors are the ones worth reporting
     instructions: str | None = None
     tools: list[FunctionTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | FunctionToolChoice | None = None

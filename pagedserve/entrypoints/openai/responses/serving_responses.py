@@ -245,6 +245,7 @@ class ResponseRun:
         self.error: dict | None = None
         self.incomplete_details: dict | None = None
         self.usage: dict | None = None
+        self.completion_tokens = self.cached_tokens = 0
         self.log = EventLog()
         self.output = OutputBuilder(self.log, request.wants_logprobs)
         self.tools = ChoiceTools(plan, request.parallel_tool_calls)
@@ -301,6 +302,7 @@ class ResponseRun:
             self.output.finish("incomplete", empty_message=False)
         finally:
             self.serving.abort(self.admitted)
+        self.usage = self._usage()
         terminal = self.log.number(f"response.{self.status}", response=self.snapshot())
         await self._save(terminal)
         self.log.publish(terminal)
@@ -321,7 +323,6 @@ class ResponseRun:
         await asyncio.gather(self.task, return_exceptions=True)
 
     async def _generate(self) -> None:
-        completion_tokens = cached = 0
         finish_reason = None
         async for output in self.admitted.streams[0]:
             if self.status == "queued":
@@ -329,10 +330,9 @@ class ResponseRun:
                 self.log.emit("response.in_progress", response=self.snapshot())
                 await self.serving.run_store(ResponseStore.update_in_flight, self.record())
             self._add(output)
-            completion_tokens += sum(len(out.token_ids) for out in output.outputs)
-            cached = output.metrics.get("num_cached_tokens", 0)
+            self.completion_tokens += sum(len(out.token_ids) for out in output.outputs)
+            self.cached_tokens = output.metrics.get("num_cached_tokens", 0)
             finish_reason = output.outputs[0].finish_reason
-        self.usage = self._usage(completion_tokens, cached)
         if finish_reason == "length":
             self.status, self.incomplete_details = "incomplete", {"reason": "max_output_tokens"}
         else:
@@ -349,10 +349,10 @@ class ResponseRun:
             self.output.add_text(content, logprobs)
             self.output.add_calls(calls)
 
-    def _usage(self, completion_tokens: int, cached: int) -> dict:
-        prompt_tokens = sum(self.admitted.prompt_lens)
-        if not self.serving.options.enable_prompt_tokens_details:  # it tells whether another tenant sent this
-            cached = 0
+    def _usage(self) -> dict:
+        prompt_tokens, completion_tokens = sum(self.admitted.prompt_lens), self.completion_tokens
+        # cached_tokens tells whether someone sent this prefix before: only with --enable-prompt-tokens-details
+        cached = self.cached_tokens if self.serving.options.enable_prompt_tokens_details else 0
         return {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": cached},
                 "output_tokens": completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
                 "total_tokens": prompt_tokens + completion_tokens}

@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # server_utils
 
-from server_utils import free_port  # noqa: E402
+from server_utils import ServerProcess, free_port  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +32,14 @@ def postgres_url():
     finally:
         subprocess.run([*as_user, "pg_ctl", "-D", data, "-m", "immediate", "stop"], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def responses_server(llama_dir, tmp_path_factory):
+    """One server for the /v1/responses tests (tiny random checkpoint, hermes tool parser, its own store)."""
+    store = tmp_path_factory.mktemp("store") / "responses.db"
+    proc = ServerProcess(llama_dir, "--engine-placement", "thread", "--enable-auto-tool-choice", "--tool-call-parser",
+                         "hermes", "--enable-prompt-tokens-details", "--responses-store", f"sqlite:///{store}",
+                         sizes=("--dtype", "float32", "--max-model-len", "1024", "--num-kv-blocks", "512"))
+    yield proc
+    assert proc.stop() == 0
