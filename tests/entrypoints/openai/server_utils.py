@@ -22,9 +22,9 @@ TINY = ("--dtype", "float32", "--max-model-len", "256", "--num-kv-blocks", "256"
 
 
 class ServerProcess:
-    def __init__(self, model: str | None, *flags: str, sizes: tuple[str, ...] = TINY) -> None:
-        """`model` None: the default model."""
-        self.port = free_port()
+    def __init__(self, model: str | None, *flags: str, sizes: tuple[str, ...] = TINY, port: int | None = None) -> None:
+        """`model` None: the default model; `port` None: a free one."""
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         args = [sys.executable, "-m", "pagedserve.entrypoints.cli", "serve", *([model] if model else []),
                 "--port", str(self.port), *sizes, "--log-interval", "1", *flags]
