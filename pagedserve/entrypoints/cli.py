@@ -138,11 +138,8 @@ def _stop_starting(signum: int, frame: object) -> None:
 
 
 def _serving_options(ns: argparse.Namespace) -> "ServingOptions":
-    from pagedserve.entrypoints.openai.responses.store import check_store_url
     from pagedserve.entrypoints.openai.serving import ServingOptions
 
-    if ns.responses_store is not None:
-        check_store_url(ns.responses_store)  # a bad URL fails start-up now, before the model loads
     return ServingOptions(
         model_name=_served_model_name(ns), chat_template=_read_chat_template(ns.chat_template),
         trust_request_chat_template=ns.trust_request_chat_template,
@@ -174,6 +171,10 @@ def _serve(ns: argparse.Namespace) -> int:
 
     engine_args = engine_args_from(ns)
     resolve_model(engine_args.model, engine_args.gguf_file)  # a bad path: one line, before anything starts
+    if ns.responses_store is not None:
+        from pagedserve.entrypoints.openai.responses.store import check_store_url
+
+        check_store_url(ns.responses_store)  # likewise a bad store URL
     if ns.num_replicas is not None or ns.autoscaling_config is not None:
         return _serve_on_ray(ns, engine_args)
     sock = bind_socket(ns.host, ns.port)

@@ -240,7 +240,7 @@ class ResponseRun:
         self.tenant = tenant
         self.input_items = input_items
         self.params = admitted.params[0]
-        self.created_at = int(time.time())
+        self.created_at = time.time()  # the store orders and expires by it; clients see whole seconds
         self.status = "queued" if request.background else "in_progress"
         self.error: dict | None = None
         self.incomplete_details: dict | None = None
@@ -262,7 +262,7 @@ class ResponseRun:
             "type": "text"}
         tool_choice = request.tool_choice or ("auto" if request.tools else "none")
         return {
-            "id": self.id, "object": "response", "created_at": self.created_at, "status": self.status,
+            "id": self.id, "object": "response", "created_at": int(self.created_at), "status": self.status,
             "background": request.background, "error": self.error, "incomplete_details": self.incomplete_details,
             "instructions": request.instructions, "max_output_tokens": request.max_output_tokens,
             "metadata": request.metadata or {}, "model": self.serving.model_name,

@@ -4,8 +4,9 @@ psycopg 3) for several servers sharing their responses.
 
 Every row belongs to a tenant, a digest of the API key the client sent and its `cache_salt`; every read,
 chain and delete is scoped to it, so another tenant's response is simply not found. Rows are bounded by age
-(`ttl_s`: older ones are not found and are pruned) and count (`max_stored`: the oldest go first). The methods
-block: the serving layer calls them on a thread of its own.
+(`ttl_s`: older ones are not found at once, and pruned) and count (`max_stored`: the oldest go first; the count
+is enforced every `prune_interval_s`, as counting rows is not free). The methods block: the serving layer
+calls them on a thread of its own.
 """
 
 import hashlib
@@ -58,11 +59,13 @@ class StoredResponse:
 
 
 class ResponseStore:
-    def __init__(self, url: str | None, ttl_s: float, max_stored: int) -> None:
+    def __init__(self, url: str | None, ttl_s: float, max_stored: int, prune_interval_s: float = 10.0) -> None:
         if ttl_s <= 0 or max_stored < 1:
             raise ValueError(f"--responses-ttl must be > 0 and --responses-max-stored >= 1, got {ttl_s}, {max_stored}")
         self.ttl_s = ttl_s
         self.max_stored = max_stored
+        self.prune_interval_s = prune_interval_s
+        self.pruned_at = 0.0
         self.engine = _open(url or default_store_url())
         migrate(self.engine)
 
@@ -70,11 +73,13 @@ class ResponseStore:
         self.engine.dispose()
 
     def put(self, record: StoredResponse) -> None:
-        """Insert, or replace the row of the same id; then prune."""
+        """Insert, or replace the row of the same id; prune now and then."""
         with self.engine.begin() as connection:
             connection.execute(responses.delete().where(responses.c.id == record.id))
             connection.execute(responses.insert().values(record.row()))
-            self._prune(connection)
+            if time.monotonic() - self.pruned_at >= self.prune_interval_s:
+                self._prune(connection)
+                self.pruned_at = time.monotonic()
 
     def update_in_flight(self, record: StoredResponse) -> bool:
         """Write a background response's new state, unless it is no longer in flight (it was cancelled, or

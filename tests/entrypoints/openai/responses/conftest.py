@@ -35,11 +35,10 @@ def postgres_url():
 
 
 @pytest.fixture(scope="session")
-def responses_server(llama_dir, tmp_path_factory):
-    """One server for the /v1/responses tests (tiny random checkpoint, hermes tool parser, its own store)."""
-    store = tmp_path_factory.mktemp("store") / "responses.db"
+def responses_server(llama_dir):
+    """One server for the /v1/responses tests (tiny random checkpoint, hermes tool parser, a store of its own)."""
     proc = ServerProcess(llama_dir, "--engine-placement", "thread", "--enable-auto-tool-choice", "--tool-call-parser",
-                         "hermes", "--enable-prompt-tokens-details", "--responses-store", f"sqlite:///{store}",
+                         "hermes", "--enable-prompt-tokens-details",
                          sizes=("--dtype", "float32", "--max-model-len", "1024", "--num-kv-blocks", "512"))
     yield proc
     assert proc.stop() == 0

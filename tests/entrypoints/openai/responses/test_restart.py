@@ -4,10 +4,13 @@ background response the killed one was running is failed with a clear error; a s
 unfinished background responses failed too."""
 
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 
 import openai
+import pytest
 import sqlalchemy as sa
 from server_utils import ServerProcess, free_port
 
@@ -55,15 +58,18 @@ def test_kill_restart_and_stop(llama_dir, tmp_path):
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
-    server = ServerProcess(llama_dir, *flags, sizes=SIZES, port=port)
+    server = ServerProcess(llama_dir, *flags, "--responses-ttl", "3600", "--responses-max-stored", "4", sizes=SIZES,
+                           port=port)
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="k", max_retries=0)
         assert all(client.responses.retrieve(response_id).status == "incomplete" for response_id in acknowledged)
+        failed = client.responses.retrieve(running.id)
+        assert failed.status == "failed" and "restarted" in failed.error.message
         third = client.responses.create(model=model, input="And now?", previous_response_id=second.id,
                                         max_output_tokens=2)
         assert third.usage.input_tokens > second.usage.input_tokens  # the history came from the file
-        failed = client.responses.retrieve(running.id)
-        assert failed.status == "failed" and "restarted" in failed.error.message
+        with pytest.raises(openai.NotFoundError):  # past --responses-max-stored: the oldest went
+            client.responses.retrieve(first.id)
 
         stopped = client.responses.create(model=model, input="Another story", background=True,
                                           max_output_tokens=900, extra_body={"ignore_eos": True})
@@ -76,3 +82,11 @@ def test_kill_restart_and_stop(llama_dir, tmp_path):
                                               {"id": stopped.id}).one()
     engine.dispose()
     assert status == "failed" and "stopped" in response
+
+
+def test_a_bad_store_url_fails_start_up_in_one_line(llama_dir):
+    result = subprocess.run([sys.executable, "-m", "pagedserve.entrypoints.cli", "serve", llama_dir, "--port",
+                             str(free_port()), "--responses-store", "mysql://user@host/db"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: --responses-store supports sqlite and postgresql URLs, got 'mysql'"]

@@ -61,7 +61,7 @@ def test_tenants_chains_and_delete(url):
 
 
 def test_ttl_and_count_bounds(url):
-    store = ResponseStore(url, ttl_s=60, max_stored=3)
+    store = ResponseStore(url, ttl_s=60, max_stored=3, prune_interval_s=0)
     now = time.time()
     store.put(record("old", created_at=now - 120))
     assert store.get("old", ALICE) is None  # past the TTL: gone at once, pruned at the next write
