@@ -145,6 +145,8 @@ def _serving_options(ns: argparse.Namespace) -> "ServingOptions":
         trust_request_chat_template=ns.trust_request_chat_template,
         enable_prompt_tokens_details=ns.enable_prompt_tokens_details,
         enable_auto_tool_choice=ns.enable_auto_tool_choice, tool_call_parser=ns.tool_call_parser,
+        responses_store=ns.responses_store, responses_ttl_s=ns.responses_ttl,
+        responses_max_stored=ns.responses_max_stored, server_address=f"{socket.gethostname()}:{ns.port}",
     )
 
 
@@ -169,6 +171,10 @@ def _serve(ns: argparse.Namespace) -> int:
 
     engine_args = engine_args_from(ns)
     resolve_model(engine_args.model, engine_args.gguf_file)  # a bad path: one line, before anything starts
+    if ns.responses_store is not None:
+        from pagedserve.entrypoints.openai.responses.store import check_store_url
+
+        check_store_url(ns.responses_store)  # likewise a bad store URL
     if ns.num_replicas is not None or ns.autoscaling_config is not None:
         return _serve_on_ray(ns, engine_args)
     sock = bind_socket(ns.host, ns.port)
@@ -226,9 +232,22 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
                        help="the model family's tool-call format")
     serve.add_argument("--max-engine-restarts", type=int, default=3,
                        help="restarts of a dead engine allowed within ten minutes before the server exits with 1")
+    _add_responses_args(serve)
     _add_ray_args(serve)
     add_engine_args(serve)
     _add_log_level(serve)
+
+
+def _add_responses_args(serve: argparse.ArgumentParser) -> None:
+    responses = serve.add_argument_group("/v1/responses: the response store")
+    responses.add_argument("--responses-store", default=None, metavar="URL",
+                           help="where stored responses live: sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB "
+                                "(several servers on one database); default: a SQLite file, "
+                                "$XDG_CACHE_HOME/pagedserve/responses.db (~/.cache/...)")
+    responses.add_argument("--responses-ttl", type=_positive_float, default=30 * 24 * 3600.0, metavar="S",
+                           help="seconds a stored response is kept (default 30 days)")
+    responses.add_argument("--responses-max-stored", type=_positive_int, default=100_000, metavar="N",
+                           help="most stored responses; past it the oldest are dropped (default 100000)")
 
 
 def _add_ray_args(serve: argparse.ArgumentParser) -> None:
@@ -253,6 +272,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
     return value
 
 

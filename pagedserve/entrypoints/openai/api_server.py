@@ -28,6 +28,8 @@ from pagedserve.frontend.async_llm import AsyncLLM, EngineDeadError, QueueFullEr
 from pagedserve.frontend.engine_client import EngineClient
 
 from .protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, SessionCloseRequest, error_body
+from .responses.routes import add_responses_routes
+from .responses.serving_responses import ResponsesServing
 from .serving import ContextLengthError, EngineFault, ServingOptions
 from .serving_chat import ChatServing
 from .serving_completion import CompletionServing
@@ -137,12 +139,14 @@ def build_app(engine: EngineClient, options: ServingOptions, api_key: str | None
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     completion_serving = CompletionServing(engine, options)
     chat_serving = ChatServing(engine, options)
+    responses_serving = ResponsesServing(engine, options)
     model_name = options.model_name
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await engine.start()
         yield
+        await responses_serving.shutdown()
         await engine.shutdown()
 
     app = FastAPI(title="pagedserve", version=pagedserve.__version__, lifespan=lifespan)
@@ -199,6 +203,8 @@ def build_app(engine: EngineClient, options: ServingOptions, api_key: str | None
     @app.post("/v1/chat/completions", responses=_GENERATION_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return check_model(body.model) or await respond(request, lambda: chat_serving.chat(body))
+
+    add_responses_routes(app, responses_serving, respond, error_response, check_model, _GENERATION_RESPONSES)
 
     @app.get("/v1/models", responses={401: _ERRORS[401]})
     async def models() -> dict:

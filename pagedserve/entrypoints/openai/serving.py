@@ -41,6 +41,10 @@ class ServingOptions:
     enable_prompt_tokens_details: bool = False  # cached_tokens tells whether a prompt was seen: off by default
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
+    responses_store: str | None = None  # --responses-store: a database URL; None: a SQLite file in the cache dir
+    responses_ttl_s: float = 30 * 24 * 3600.0  # --responses-ttl: stored responses older than this are gone
+    responses_max_stored: int = 100_000  # --responses-max-stored: past it, the oldest stored responses go
+    server_address: str = "local"  # host:port; a server restarted there fails the background runs left behind
 
 
 @dataclass

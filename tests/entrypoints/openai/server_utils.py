@@ -22,12 +22,14 @@ TINY = ("--dtype", "float32", "--max-model-len", "256", "--num-kv-blocks", "256"
 
 
 class ServerProcess:
-    def __init__(self, model: str | None, *flags: str, sizes: tuple[str, ...] = TINY) -> None:
-        """`model` None: the default model."""
-        self.port = free_port()
+    def __init__(self, model: str | None, *flags: str, sizes: tuple[str, ...] = TINY, port: int | None = None) -> None:
+        """`model` None: the default model; `port` None: a free one."""
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.store = tempfile.TemporaryDirectory()  # /v1/responses' store: not the user's (flags may name one)
         args = [sys.executable, "-m", "pagedserve.entrypoints.cli", "serve", *([model] if model else []),
-                "--port", str(self.port), *sizes, "--log-interval", "1", *flags]
+                "--port", str(self.port), *sizes, "--log-interval", "1",
+                "--responses-store", f"sqlite:///{self.store.name}/responses.db", *flags]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".log")  # a pipe nobody reads would fill and block
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env, text=True)
@@ -68,6 +70,7 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+        self.store.cleanup()
         return self.proc.returncode
 
 
