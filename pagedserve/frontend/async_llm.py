@@ -105,8 +105,9 @@ class AsyncLLM:
     async def _start_engine(self) -> None:
         if self.placement == "process":
             process, self._first_process = self._first_process, None
+            # a restarted engine logs at the front end's level (the CLI's --log-level), as the first did
             client: ProcessCoreClient | ThreadCoreClient = ProcessCoreClient(
-                process or start_engine_process(self.engine_args)
+                process or start_engine_process(self.engine_args, logger.level)
             )
         else:
             client = await asyncio.to_thread(ThreadCoreClient, self.config)

@@ -238,6 +238,28 @@ def test_engine_killed_mid_stream_is_restarted(llama_dir):
         assert proc.stop() == 0
 
 
+def test_a_restarted_engine_keeps_the_log_level(llama_dir):
+    """--log-level reaches the engine process started after a death too: its debug lines (a grammar compiled)
+    still show."""
+    proc = ServerProcess(llama_dir, "--log-level", "debug")
+    body = {"prompt": "x", "max_tokens": 3, "response_format": {"type": "json_object"}}
+    try:
+        assert httpx.post(f"{proc.url}/v1/completions", json=body, timeout=30).status_code == 200
+        assert proc.output().count("compiled a json_object grammar") == 1, proc.output()
+        os.kill(engine_pid(proc), signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{proc.url}/health").status_code == 200:  # noticed within half a second
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        while httpx.get(f"{proc.url}/health").status_code != 200:  # restarted
+            assert time.monotonic() < deadline, proc.output()
+            time.sleep(0.2)
+        assert httpx.post(f"{proc.url}/v1/completions", json=body, timeout=30).status_code == 200
+        assert proc.output().count("compiled a json_object grammar") == 2, proc.output()
+    finally:
+        assert proc.stop() == 0
+
+
 def test_an_engine_that_keeps_dying_stops_the_server_non_zero(llama_dir):
     proc = ServerProcess(llama_dir, "--max-engine-restarts", "0")
     os.kill(engine_pid(proc), signal.SIGKILL)
