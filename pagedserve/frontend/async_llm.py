@@ -261,6 +261,8 @@ class AsyncLLM:
         processed = self.processor.process(core_outputs.outputs)
         if processed.to_abort and self.client is not None:  # a stop string ended these samples here
             self.client.send(StopSamples(processed.to_abort))
+        if processed.failed and self.client is not None:  # handling their output failed here
+            self.client.send(AbortRequests(processed.failed))
         for state in processed.updated:
             stream = self.streams.get(state.request_id)
             output = self._output_for(state)
