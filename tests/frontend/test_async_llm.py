@@ -243,3 +243,29 @@ def test_an_output_handling_fault_outside_any_request_restarts_the_engine(args, 
 
     ok, metrics = run(main())
     assert ok.outputs[0].finish_reason == "length" and len(ok.outputs[0].token_ids) == 50
+
+
+@pytest.mark.parametrize("outputs_read", [0, 1])
+def test_a_stream_dropped_unfinished_is_aborted(args, outputs_read):
+    """A client that goes away before the first output (its stream never iterated), or after one, leaves nothing:
+    the request is aborted in the engine and its stream forgotten."""
+
+    async def main():
+        engine = AsyncLLM(args)
+        await engine.start()
+        try:
+            params = SamplingParams(max_tokens=200, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+            stream = engine.add_request(engine.input_processor.make_request("x", params, "dropped"))
+            for _ in range(outputs_read):
+                await stream.__anext__()
+            del stream
+            await asyncio.sleep(0)  # the abort runs on the loop
+            left = dict(engine.streams), engine.num_unfinished_requests
+            return left, await engine.engine_stats()
+        finally:
+            await engine.shutdown()
+
+    (streams, unfinished), stats = run(main())
+    assert streams == {} and unfinished == 0
+    assert stats.num_requests_running == stats.num_requests_waiting == 0
+    assert stats.num_kv_blocks_free == stats.num_kv_blocks_total

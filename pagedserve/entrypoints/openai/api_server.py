@@ -28,7 +28,7 @@ from pagedserve.frontend.async_llm import AsyncLLM, EngineDeadError, QueueFullEr
 from pagedserve.frontend.engine_client import EngineClient
 
 from .protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, SessionCloseRequest, error_body
-from .serving import ContextLengthError, EngineFault, ServingOptions
+from .serving import ContextLengthError, EngineFault, EventStream, ServingOptions
 from .serving_chat import ChatServing
 from .serving_completion import CompletionServing
 
@@ -97,6 +97,21 @@ class BodySizeLimit:
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         await error_response(413, self._message())(scope, receive, send)
+
+
+class EventStreamResponse(StreamingResponse):
+    """SSE whose requests are aborted however the response ends: streamed to the end, the client gone before the
+    first event or during the stream, the server stopping."""
+
+    def __init__(self, stream: EventStream) -> None:
+        super().__init__(stream.events, media_type="text/event-stream")
+        self.stream = stream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.stream.close()
 
 
 async def _until_disconnected(request: Request, work: Awaitable) -> Any:
@@ -179,8 +194,8 @@ def build_app(engine: EngineClient, options: ServingOptions, api_key: str | None
     async def respond(request: Request, make: Callable[[], Awaitable]) -> Response:
         try:
             result = await make()
-            if hasattr(result, "__aiter__"):
-                return StreamingResponse(result, media_type="text/event-stream")
+            if isinstance(result, EventStream):
+                return EventStreamResponse(result)
             body = await _until_disconnected(request, result)
             return JSONResponse(body) if body is not None else Response(status_code=499)
         except ContextLengthError as e:

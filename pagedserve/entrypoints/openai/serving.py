@@ -58,6 +58,16 @@ class Admitted:
         return [len(p["prompt_token_ids"]) for p in self.prompts]
 
 
+@dataclass
+class EventStream:
+    """A streaming response's SSE events. `close` aborts its requests if they still run: the response calls it
+    however it ends, also when the client left before the first event (the events are then never iterated, so no
+    generator's `finally` would)."""
+
+    events: AsyncIterator[str]
+    close: Callable[[], None]
+
+
 def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 

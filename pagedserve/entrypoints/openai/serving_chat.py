@@ -11,6 +11,7 @@ The first three need no parser. A chat template that cannot render tools (the de
 hermes-style tool prompt instead, and past calls and tool results in that format.
 """
 
+import functools
 import json
 import time
 import uuid
@@ -22,7 +23,7 @@ from pagedserve.outputs import CompletionOutput, Logprob
 from pagedserve.sampling_params import StructuredOutputsParams
 
 from .protocol import ChatCompletionRequest
-from .serving import Admitted, OpenAIServing, clamp, sse, sse_error
+from .serving import Admitted, EventStream, OpenAIServing, clamp, sse, sse_error
 from .tool_parsers import FunctionCall, ToolCall, ToolParser, get_tool_parser
 from .tool_parsers.base import new_call_id
 from .tool_parsers.tools import (
@@ -120,7 +121,7 @@ class ChoiceTools:
 
 
 class ChatServing(OpenAIServing):
-    async def chat(self, request: ChatCompletionRequest) -> Coroutine[Any, Any, dict] | AsyncIterator[str]:
+    async def chat(self, request: ChatCompletionRequest) -> Coroutine[Any, Any, dict] | EventStream:
         """Admit the request; return the coroutine of the whole response, or the SSE stream."""
         if request.chat_template is not None and not self.options.trust_request_chat_template:
             raise ValueError("chat_template in a request is refused: the server runs it as code. Start the server "
@@ -140,7 +141,7 @@ class ChatServing(OpenAIServing):
                 params.skip_special_tokens = False
         admitted = self.admit(prepared, f"chatcmpl-{uuid.uuid4().hex}", request)
         if request.stream:
-            return self._stream(request, admitted, plan)
+            return EventStream(self._stream(request, admitted, plan), functools.partial(self.abort, admitted))
         return self._full(request, admitted, plan)
 
     def _tool_plan(self, request: ChatCompletionRequest) -> ToolPlan:
