@@ -185,6 +185,7 @@ class AsyncLLM:
         `EngineCore.add_request`.
         """
         await self.start()
+        self.check_admission()  # before the prompt is tokenized
         request = self.input_processor.make_request(
             prompt, sampling_params, request_id, cache_salt=cache_salt, session_id=session_id,
             kv_retention_s=kv_retention_s, priority=priority)
@@ -195,14 +196,9 @@ class AsyncLLM:
         finally:
             await stream.aclose()
 
-    def add_request(self, request: AddRequest) -> OutputStream:
-        """Admit a request now (made by `input_processor.make_request`: tokenized and checked) and return its
-        output stream.
-
-        Raises at once, before any output: ValueError for a request id in use, QueueFullError when the waiting queue is
-        full, EngineDeadError when the engine is not running. A stream left before its request ended (closed, or
-        dropped even before its first output) aborts the request.
-        """
+    def check_admission(self) -> None:
+        """EngineDeadError if the engine is not running, QueueFullError if the waiting queue is full: what
+        `add_request` would raise now. Callers check it before they tokenize a prompt, too."""
         if self.errored:
             raise EngineDeadError(f"the engine is not running: {self.errored}")
         if self.max_waiting_requests is not None:
@@ -212,6 +208,16 @@ class AsyncLLM:
                     f"the server is at capacity: {num_waiting} requests are already waiting "
                     f"(--max-waiting-requests {self.max_waiting_requests}); retry later"
                 )
+
+    def add_request(self, request: AddRequest) -> OutputStream:
+        """Admit a request now (made by `input_processor.make_request`: tokenized and checked) and return its
+        output stream.
+
+        Raises at once, before any output: ValueError for a request id in use, QueueFullError when the waiting queue is
+        full, EngineDeadError when the engine is not running. A stream left before its request ended (closed, or
+        dropped even before its first output) aborts the request.
+        """
+        self.check_admission()
         request_id = request.request_id
         self.processor.add_request(request_id, request.prompt, request.prompt_token_ids, request.params)
         stream: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()

@@ -28,7 +28,7 @@ from pagedserve.frontend.async_llm import AsyncLLM, EngineDeadError, QueueFullEr
 from pagedserve.frontend.engine_client import EngineClient
 
 from .protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, SessionCloseRequest, error_body
-from .serving import ContextLengthError, EngineFault, EventStream, ServingOptions
+from .serving import ContextLengthError, EngineFault, EventStream, ServingOptions, text_executor
 from .serving_chat import ChatServing
 from .serving_completion import CompletionServing
 
@@ -150,8 +150,9 @@ _GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 def build_app(engine: EngineClient, options: ServingOptions, api_key: str | None = None,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-    completion_serving = CompletionServing(engine, options)
-    chat_serving = ChatServing(engine, options)
+    text_threads = text_executor()
+    completion_serving = CompletionServing(engine, options, text_threads)
+    chat_serving = ChatServing(engine, options, text_threads)
     model_name = options.model_name
 
     @asynccontextmanager
@@ -159,6 +160,7 @@ def build_app(engine: EngineClient, options: ServingOptions, api_key: str | None
         await engine.start()
         yield
         await engine.shutdown()
+        text_threads.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="pagedserve", version=pagedserve.__version__, lifespan=lifespan)
 

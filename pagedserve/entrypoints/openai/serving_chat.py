@@ -126,6 +126,7 @@ class ChatServing(OpenAIServing):
         if request.chat_template is not None and not self.options.trust_request_chat_template:
             raise ValueError("chat_template in a request is refused: the server runs it as code. Start the server "
                              "with --trust-request-chat-template to allow it")
+        self.engine.check_admission()  # a full queue or a dead engine: refused before any work on the text
         plan = self._tool_plan(request)
         structured = request.structured_outputs_params()
         if plan.constraint is not None:

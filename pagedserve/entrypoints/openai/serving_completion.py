@@ -19,6 +19,7 @@ class CompletionServing(OpenAIServing):
             raise ValueError("echo with logprobs needs prompt logprobs, which are not supported yet")
         if request.suffix:
             raise ValueError("suffix is not supported")
+        self.engine.check_admission()  # a full queue or a dead engine: refused before any work on the text
         structured = request.structured_outputs_params()
         prepared = await self.run_text(self.prepare, request, request.prompts(), request.max_tokens,
                                        request.logprobs, structured)

@@ -125,11 +125,15 @@ class RemoteEngine:
 
     # ---- requests -----------------------------------------------------------------------------------
 
+    def check_admission(self) -> None:
+        """EngineDeadError while no replica runs; a full queue is each replica's to say (`_Refused`)."""
+        if self.errored:
+            raise EngineDeadError(f"the engine is not running: {self.errored}")
+
     def add_request(self, add_request: AddRequest) -> AsyncIterator[RequestOutput]:
         """Stream a request (made by `input_processor.make_request`, so checked against the replicas' limits)
         from whichever replica the router picks."""
-        if self.errored:
-            raise EngineDeadError(f"the engine is not running: {self.errored}")
+        self.check_admission()
         request_id = add_request.request_id
         request = ReplicaRequest(add_request)
         self.failures[request_id] = asyncio.Queue()

@@ -1,12 +1,16 @@
 """The OpenAI app driven in this process, at the ASGI level, over an AsyncLLM with its engine in a thread: what a
-real socket cannot stage on cue (a client gone before the first byte of its response)."""
+real socket cannot stage on cue (a client gone before the first byte of its response, a prompt that takes long to
+render, a request refused before its text is touched)."""
 
 import asyncio
+import dataclasses
 import json
+import threading
 
+import httpx
 import pytest
 
-from pagedserve import EngineArgs
+from pagedserve import EngineArgs, SamplingParams
 from pagedserve.entrypoints.openai.api_server import build_app
 from pagedserve.entrypoints.openai.serving import ServingOptions
 from pagedserve.frontend.async_llm import AsyncLLM
@@ -66,3 +70,73 @@ def test_a_stream_whose_client_left_before_it_started_is_aborted(args, path, bod
     streams, unfinished, stats = asyncio.run(main())
     assert streams == {} and unfinished == 0
     assert stats.num_requests_running == stats.num_requests_waiting == 0
+
+
+def client_for(app) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60)
+
+
+def chat(content: str, **extra) -> dict:
+    return {"messages": [{"role": "user", "content": content}], "max_tokens": 2, **extra}
+
+
+def test_a_request_the_engine_cannot_take_is_refused_before_its_text_is_worked_on(args):
+    """A full waiting queue or a dead engine: a 503 at once, the prompt never rendered nor tokenized."""
+
+    async def main():
+        engine = AsyncLLM(dataclasses.replace(args, max_num_seqs=1), "thread", max_waiting_requests=0)
+        await engine.start()
+        params = SamplingParams(max_tokens=200, ignore_eos=True)
+        running = engine.add_request(engine.input_processor.make_request("x", params, "running"))
+        texts: list[str] = []
+        real_encode, real_render = engine.input_processor.encode, engine.tokenizer.apply_chat_template
+        engine.input_processor.encode = lambda text, *a, **k: texts.append(text) or real_encode(text, *a, **k)
+        engine.tokenizer.apply_chat_template = lambda m, *a, **k: texts.append("chat") or real_render(m, *a, **k)
+        statuses = []
+        try:
+            async with client_for(build_app(engine, ServingOptions(model_name="m"))) as client:
+                for down in (None, "down for the test"):  # the queue is full; then the engine is down too
+                    engine.errored = down
+                    for stream in (False, True):
+                        statuses.append((await client.post("/v1/completions", json={
+                            "prompt": "hello", "max_tokens": 2, "stream": stream})).status_code)
+                        statuses.append((await client.post("/v1/chat/completions",
+                                                           json=chat("hello", stream=stream))).status_code)
+                engine.errored = None
+            return statuses, texts
+        finally:
+            await running.aclose()
+            await engine.shutdown()
+
+    statuses, texts = asyncio.run(main())
+    assert statuses == [503] * 8 and texts == []
+
+
+def test_a_slow_prompt_does_not_hold_up_the_others(args):
+    """Text work runs on a pool of threads: while one request's chat template takes its time, another's is
+    rendered, tokenized and answered."""
+
+    async def main():
+        engine = AsyncLLM(args, "thread")
+        await engine.start()
+        release = threading.Event()
+        real_render = engine.tokenizer.apply_chat_template
+
+        def render(messages, *a, **k):
+            if messages[0]["content"] == "slow":
+                release.wait(30)
+            return real_render(messages, *a, **k)
+
+        engine.tokenizer.apply_chat_template = render
+        try:
+            async with client_for(build_app(engine, ServingOptions(model_name="m"))) as client:
+                slow = asyncio.create_task(client.post("/v1/chat/completions", json=chat("slow")))
+                await asyncio.sleep(0.2)
+                fast = await asyncio.wait_for(client.post("/v1/chat/completions", json=chat("fast")), 10)
+                release.set()
+                return fast.status_code, (await slow).status_code
+        finally:
+            release.set()
+            await engine.shutdown()
+
+    assert asyncio.run(main()) == (200, 200)
