@@ -325,6 +325,9 @@ async def serve(engine: AsyncLLM, options: ServingOptions, sock: socket.socket, 
     server = _Server(config, engine, shutdown_timeout)
     engine.on_fatal = server.fatal
     host, port = sock.getsockname()[:2]
+    if engine.config.generation_defaults:
+        logger.info("sampling defaults from the model's generation config (a request's own values win; "
+                    "--generation-config vllm for none): %s", engine.config.generation_defaults)
     logger.info("serving %s on http://%s:%d (OpenAI API under /v1)", options.model_name, host, port)
     logger.info("try: curl http://%s:%d/v1/completions -H 'Content-Type: application/json' -d "
                 "'{\"model\": \"%s\", \"prompt\": \"The capital of France is\", \"max_tokens\": 16}'",
