@@ -118,6 +118,8 @@ class ProcessCoreClient:
         deadline = loop.time() + timeout
         while not await self.outputs.poll(200):
             if not self.process.is_alive():
+                if await self.outputs.poll(1000):  # it said why before it exited (EngineReady with the error)
+                    break
                 raise RuntimeError(f"the engine process exited with code {self.process.exitcode} while starting")
             if loop.time() > deadline:
                 raise RuntimeError(f"the engine process was not ready after {timeout:.0f} s")
