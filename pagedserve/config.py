@@ -11,7 +11,7 @@ from pagedserve import checkpoint_quantization
 from pagedserve.distributed.parallel_state import check_kv_heads
 from pagedserve.engine_args import SCHEDULING_POLICIES, EngineArgs
 from pagedserve.gguf_file import load_gguf_config
-from pagedserve.model_files import resolve_model
+from pagedserve.model_files import DEFAULT_MODEL_FILE, resolve_model
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -247,12 +247,18 @@ def eos_token_ids(hf_config: PretrainedConfig, model_dir: str | None) -> tuple[i
     return tuple(ids)
 
 
+# A GGUF file carries no generation config. The bundled default model's (SmolLM2-135M-Instruct: its authors
+# recommend temperature 0.2, top_p 0.9; at 1.0 it rambles) ships in this package instead.
+DEFAULT_MODEL_GENERATION_DIR = os.path.join(os.path.dirname(__file__), "default_model")
+
+
 def generation_defaults(source: str, model_path: str, gguf_path: str | None) -> dict[str, float | int]:
     """The checkpoint's recommended sampling settings (as vLLM's `--generation-config`): "auto" reads the model
-    directory's generation_config.json, "vllm" uses none, anything else is a directory holding one."""
+    directory's generation_config.json (for the default model's GGUF file, the one shipped with pagedserve), "vllm"
+    uses none, anything else is a directory holding one."""
     if source == "vllm":
         return {}
-    directory = source if source != "auto" else (None if gguf_path else model_path)
+    directory = source if source != "auto" else _model_generation_dir(model_path, gguf_path)
     path = os.path.join(directory, "generation_config.json") if directory else None
     if path is None or not os.path.isfile(path):
         if source != "auto":
@@ -264,3 +270,9 @@ def generation_defaults(source: str, model_path: str, gguf_path: str | None) -> 
     except (OSError, ValueError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
     return {name: values[key] for key, name in _GENERATION_FIELDS.items() if values.get(key) is not None}
+
+
+def _model_generation_dir(model_path: str, gguf_path: str | None) -> str | None:
+    if gguf_path is None:
+        return model_path
+    return DEFAULT_MODEL_GENERATION_DIR if os.path.basename(gguf_path) == DEFAULT_MODEL_FILE else None

@@ -24,6 +24,7 @@ from pagedserve.engine.protocol import (
     StopSamples,
     UtilityCall,
 )
+from pagedserve.frontend.abort_on_drop import AbortOnDrop
 from pagedserve.frontend.core_client import ProcessCoreClient, ThreadCoreClient
 from pagedserve.frontend.input_processor import InputProcessor, PromptType
 from pagedserve.frontend.metrics import LoggingStatLogger, PrometheusMetrics
@@ -46,6 +47,37 @@ class QueueFullError(RuntimeError):
 
 class EngineDeadError(RuntimeError):
     """The engine is not running (it died, or is being restarted); the server answers 503."""
+
+
+class OutputStream:
+    """One request's outputs (`AsyncLLM.add_request`). Left before the request ended, by `aclose`, by its consumer's
+    cancellation or by being dropped (before its first output too), it aborts the request in the engine."""
+
+    def __init__(self, request_id: str, queue: asyncio.Queue[RequestOutput | Exception],
+                 abort: Callable[[str], None]) -> None:
+        self.queue = queue
+        self.guard = AbortOnDrop(request_id, abort)
+
+    def __aiter__(self) -> "OutputStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.guard.closed:
+            raise StopAsyncIteration
+        try:
+            item = await self.queue.get()
+        except BaseException:  # cancelled: its consumer is gone
+            self.guard.close()
+            raise
+        if isinstance(item, Exception):
+            self.guard.close()
+            raise item
+        if item.finished:
+            self.guard.close()  # the request ended: only its stream is forgotten
+        return item
+
+    async def aclose(self) -> None:
+        self.guard.close()
 
 
 class AsyncLLM:
@@ -105,8 +137,9 @@ class AsyncLLM:
     async def _start_engine(self) -> None:
         if self.placement == "process":
             process, self._first_process = self._first_process, None
+            # a restarted engine logs at the front end's level (the CLI's --log-level), as the first did
             client: ProcessCoreClient | ThreadCoreClient = ProcessCoreClient(
-                process or start_engine_process(self.engine_args)
+                process or start_engine_process(self.engine_args, logger.level)
             )
         else:
             client = await asyncio.to_thread(ThreadCoreClient, self.config)
@@ -152,20 +185,20 @@ class AsyncLLM:
         `EngineCore.add_request`.
         """
         await self.start()
+        self.check_admission()  # before the prompt is tokenized
         request = self.input_processor.make_request(
             prompt, sampling_params, request_id, cache_salt=cache_salt, session_id=session_id,
             kv_retention_s=kv_retention_s, priority=priority)
-        async for output in self.add_request(request):
-            yield output
+        stream = self.add_request(request)
+        try:
+            async for output in stream:
+                yield output
+        finally:
+            await stream.aclose()
 
-    def add_request(self, request: AddRequest) -> AsyncIterator[RequestOutput]:
-        """Admit a request now (made by `input_processor.make_request`: tokenized and checked) and return its
-        output stream.
-
-        Raises at once, before any output: ValueError for a request id in use, QueueFullError when the waiting queue is
-        full, EngineDeadError when the engine is not running. A stream that is never iterated must be
-        aborted by the caller (`abort`).
-        """
+    def check_admission(self) -> None:
+        """EngineDeadError if the engine is not running, QueueFullError if the waiting queue is full: what
+        `add_request` would raise now. Callers check it before they tokenize a prompt, too."""
         if self.errored:
             raise EngineDeadError(f"the engine is not running: {self.errored}")
         if self.max_waiting_requests is not None:
@@ -175,8 +208,18 @@ class AsyncLLM:
                     f"the server is at capacity: {num_waiting} requests are already waiting "
                     f"(--max-waiting-requests {self.max_waiting_requests}); retry later"
                 )
+
+    def add_request(self, request: AddRequest) -> OutputStream:
+        """Admit a request now (made by `input_processor.make_request`: tokenized and checked) and return its
+        output stream.
+
+        Raises at once, before any output: ValueError for a request id in use, QueueFullError when the waiting queue is
+        full, EngineDeadError when the engine is not running. A stream left before its request ended (closed, or
+        dropped even before its first output) aborts the request.
+        """
+        self.check_admission()
         request_id = request.request_id
-        state = self.processor.add_request(request_id, request.prompt, request.prompt_token_ids, request.params)
+        self.processor.add_request(request_id, request.prompt, request.prompt_token_ids, request.params)
         stream: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
         self.streams[request_id] = stream
         try:
@@ -186,23 +229,7 @@ class AsyncLLM:
             self.processor.abort_request(request_id)
             self.streams.pop(request_id, None)
             raise
-        return self._stream(state, stream)
-
-    async def _stream(
-        self, state: RequestState, stream: asyncio.Queue[RequestOutput | Exception]
-    ) -> AsyncIterator[RequestOutput]:
-        finished = False
-        try:
-            while not finished:
-                item = await stream.get()
-                if isinstance(item, Exception):
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            self.streams.pop(state.request_id, None)
-            if not finished:
-                self.abort(state.request_id)
+        return OutputStream(request_id, stream, self.abort)
 
     def end_requests(self, message: str) -> None:
         """End every open request now (the server is stopping): aborted in the engine, its stream failed with
@@ -260,6 +287,8 @@ class AsyncLLM:
         processed = self.processor.process(core_outputs.outputs)
         if processed.to_abort and self.client is not None:  # a stop string ended these samples here
             self.client.send(StopSamples(processed.to_abort))
+        if processed.failed and self.client is not None:  # handling their output failed here
+            self.client.send(AbortRequests(processed.failed))
         for state in processed.updated:
             stream = self.streams.get(state.request_id)
             output = self._output_for(state)

@@ -1,13 +1,16 @@
 """The front end's handle on the engine loop: in a thread of this process, or in its own process.
 
 Either way the front end sends messages (add, abort, a utility call) and receives one `EngineCoreOutputs`
-per engine step, delivered to a callback on the asyncio loop; if the loop dies, a second callback says so.
+per engine step, delivered to a callback on the asyncio loop; if the loop dies, a second callback says so. So
+does an exception that escapes the output callback (a fault outside any one request: the callback fails the
+requests it can pin a fault on itself): the outputs would otherwise stop while the engine looks alive.
 - `ThreadCoreClient`: the loop runs in a daemon thread; messages are Python objects on a queue.
 - `ProcessCoreClient`: the loop runs in a spawned process (as vLLM v1); messages are msgspec-encoded
   msgpack over ZeroMQ IPC sockets, so HTTP handling and detokenization never hold the model's GIL.
 """
 
 import asyncio
+import functools
 import logging
 import queue
 import threading
@@ -27,6 +30,18 @@ OutputHandler = Callable[[EngineCoreOutputs], None]
 DeathHandler = Callable[[str], None]
 
 
+def deliver(handle: Callable[[], None], on_dead: DeathHandler) -> bool:
+    """Run `handle` (decode one step's outputs and hand them to the output callback); False (after `on_dead`) if
+    it raised: deliver no more."""
+    try:
+        handle()
+    except Exception as e:
+        logger.exception("handling the engine's outputs failed")
+        on_dead(f"handling the engine's outputs failed: {type(e).__name__}: {e}")
+        return False
+    return True
+
+
 class ThreadCoreClient:
     """The engine loop in a daemon thread of this process. Building it loads the model (call it off the
     event loop)."""
@@ -38,12 +53,17 @@ class ThreadCoreClient:
         self.limits: ModelLimits = self.core.limits
         self.inputs: queue.SimpleQueue[EngineCoreRequest] = queue.SimpleQueue()
         self.thread: threading.Thread | None = None
+        self.delivering = True  # until handling an output failed (the engine is then treated as dead)
 
     async def wait_ready(self, timeout: float) -> ModelLimits:
         return self.limits
 
     def start(self, loop: asyncio.AbstractEventLoop, on_outputs: OutputHandler, on_dead: DeathHandler) -> None:
-        send = lambda outputs: loop.call_soon_threadsafe(on_outputs, outputs)
+        def on_loop(outputs: EngineCoreOutputs) -> None:
+            if self.delivering:
+                self.delivering = deliver(lambda: on_outputs(outputs), on_dead)
+
+        send = lambda outputs: loop.call_soon_threadsafe(on_loop, outputs)
         dead = lambda message: loop.call_soon_threadsafe(on_dead, message)
         self.thread = threading.Thread(target=self._run, args=(send, dead), name="pagedserve-engine", daemon=True)
         self.thread.start()
@@ -98,6 +118,8 @@ class ProcessCoreClient:
         deadline = loop.time() + timeout
         while not await self.outputs.poll(200):
             if not self.process.is_alive():
+                if await self.outputs.poll(1000):  # it said why before it exited (EngineReady with the error)
+                    break
                 raise RuntimeError(f"the engine process exited with code {self.process.exitcode} while starting")
             if loop.time() > deadline:
                 raise RuntimeError(f"the engine process was not ready after {timeout:.0f} s")
@@ -113,10 +135,15 @@ class ProcessCoreClient:
         """Deliver outputs as they arrive; notice within half a second if the engine process dies."""
         while True:
             if await self.outputs.poll(500):
-                on_outputs(self.decoder.decode(await self.outputs.recv()))
+                frame = await self.outputs.recv()
+                if not deliver(functools.partial(self._handle, on_outputs, frame), on_dead):
+                    return
             elif not self.process.is_alive():
                 on_dead(f"the engine process exited with code {self.process.exitcode}")
                 return
+
+    def _handle(self, on_outputs: OutputHandler, frame: bytes) -> None:
+        on_outputs(self.decoder.decode(frame))
 
     def send(self, message: EngineCoreRequest) -> None:
         self.inputs.send(self.encoder.encode(message), copy=False)

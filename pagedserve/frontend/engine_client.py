@@ -33,6 +33,10 @@ class EngineClient(Protocol):
 
     async def shutdown(self) -> None: ...
 
+    def check_admission(self) -> None:
+        """Raise what admitting a request now would (QueueFullError, EngineDeadError), before its text is worked on."""
+        ...
+
     def add_request(self, request: AddRequest) -> AsyncIterator[RequestOutput]:
         """Admit now (raising at once if refused: ValueError, QueueFullError, EngineDeadError); the outputs."""
         ...

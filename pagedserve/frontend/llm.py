@@ -10,7 +10,7 @@ from tqdm import tqdm
 from pagedserve.config import EngineArgs, create_engine_config
 from pagedserve.engine.core_loop import EngineLoop
 from pagedserve.engine.engine_core import EngineCore
-from pagedserve.engine.protocol import AddRequest, EngineCoreRequest, EngineStats, StopSamples
+from pagedserve.engine.protocol import AbortRequests, AddRequest, EngineCoreRequest, EngineStats, StopSamples
 from pagedserve.frontend.input_processor import InputProcessor, PromptType
 from pagedserve.frontend.output_processor import OutputProcessor
 from pagedserve.outputs import RequestOutput
@@ -121,6 +121,8 @@ class LLM:
             processed = processor.process(core_outputs)
             if processed.to_abort:  # a stop string ended these samples in the front end
                 messages.append(StopSamples(processed.to_abort))
+            if processed.failed:  # handling their output failed in the front end
+                messages.append(AbortRequests(processed.failed))
             for request_id, message in processed.errors:
                 logger.error("request %s failed: %s", request_id, message)
             bar.update(len(processed.finished))

@@ -1,9 +1,12 @@
 """Engine-core outputs (token ids) -> what users see (text, logprobs, finish reasons), per sample.
 
 Shared by `LLM` (which keeps the final, cumulative outputs) and `AsyncLLM` (which streams deltas).
-Stop strings end a sample here, in the front end; the caller aborts it in the core.
+Stop strings end a sample here, in the front end; the caller aborts it in the core. So does a fault in
+handling one request's output (detokenizing it, decoding a logprob): that request alone fails, with
+finish_reason "error", as when the engine fails it.
 """
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import cast
@@ -14,6 +17,8 @@ from pagedserve.engine.protocol import EngineCoreOutput
 from pagedserve.frontend.detokenizer import IncrementalDetokenizer
 from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput, SampleLogprobs
 from pagedserve.sampling_params import SamplingParams
+
+logger = logging.getLogger("pagedserve")
 
 
 @dataclass
@@ -103,6 +108,7 @@ class ProcessedOutputs:
     finished: list[RequestState]  # requests whose last sample finished this step
     to_abort: list[tuple[str, int]]  # (request id, sample index) that a stop string ended: abort in the core
     errors: list[tuple[str, str]]  # (request id, message) of samples the engine failed
+    failed: list[str] = field(default_factory=list)  # requests whose output could not be handled: abort in the core
     num_prompt_tokens_computed: int = 0  # prompt tokens (less prefix-cache hits) of requests that got their first token
 
 
@@ -146,8 +152,13 @@ class OutputProcessor:
                 continue
             if state.first_token_time is None and core_out.new_token_ids:
                 result.num_prompt_tokens_computed += len(state.prompt_token_ids) - core_out.num_cached_tokens
-            if self._apply(state, sample, core_out, now):
-                result.to_abort.append((state.request_id, sample.index))
+            try:
+                if self._apply(state, sample, core_out, now):
+                    result.to_abort.append((state.request_id, sample.index))
+            except Exception as e:
+                logger.exception("request %s failed: handling its output raised", state.request_id)
+                self._fail(state, f"handling its output failed: {type(e).__name__}: {e}")
+                result.failed.append(state.request_id)
             if core_out.error:
                 result.errors.append((state.request_id, core_out.error))
             updated[state.request_id] = state
@@ -156,6 +167,12 @@ class OutputProcessor:
                 result.finished.append(state)
         result.updated = list(updated.values())
         return result
+
+    @staticmethod
+    def _fail(state: RequestState, message: str) -> None:
+        for sample in state.samples:
+            if not sample.finished:
+                sample.finish_reason, sample.stop_reason, sample.error = "error", None, message
 
     def _apply(self, state: RequestState, sample: SampleState, core_out: EngineCoreOutput, now: float) -> bool:
         """Fold one core output into its sample; True when a stop string ended it (abort it in the core)."""

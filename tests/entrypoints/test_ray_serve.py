@@ -359,6 +359,25 @@ def test_abort_cancels_the_replicas_stream(llama_dir):
     assert response.cancelled and not engine.responses and not engine.failures
 
 
+@pytest.mark.parametrize("outputs_read", [0, 1])
+def test_a_stream_dropped_unfinished_is_aborted(llama_dir, outputs_read):
+    """The client went away before the first output (its stream never iterated, though its first output was
+    fetched), or after one: the replica's stream is cancelled and nothing of the request is kept."""
+    response = FakeResponse("a", 2, hang=True)
+    engine = remote_engine(llama_dir, [response])
+
+    async def run() -> None:
+        stream = admit(engine, [5, 6, 7], "req-1")
+        await asyncio.sleep(0.05)  # routed: its first output is here
+        for _ in range(outputs_read):
+            await stream.__anext__()
+        del stream
+        await asyncio.sleep(0)  # the abort runs on the loop
+        assert response.cancelled and not engine.responses and not engine.failures and not engine.prefetches
+
+    asyncio.run(run())
+
+
 def test_bad_input_is_refused_before_any_replica_sees_it(llama_dir):
     engine = remote_engine(llama_dir, [])
     with pytest.raises(ValueError):

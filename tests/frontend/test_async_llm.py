@@ -173,3 +173,99 @@ def test_a_lease_expires_while_the_engine_is_idle(args, placement):
     assert leased == (1, 1) and not tenant_b_closed
     assert idle == (0, 0) and expiries == 1
     assert reset and closed
+
+
+def test_an_output_handling_fault_fails_only_its_request(args):
+    """Detokenizing (or decoding a logprob of) one request's output raises: that request ends with
+    finish_reason "error" and is aborted in the engine; the others, and the output pump, go on."""
+
+    async def main():
+        engine = AsyncLLM(args)
+        await engine.start()
+        try:
+            real_apply = engine.processor._apply
+
+            def apply(state, sample, core_out, now):
+                if state.request_id == "victim":
+                    raise RuntimeError("injected decode fault")
+                return real_apply(state, sample, core_out, now)
+
+            engine.processor._apply = apply
+            victim = SamplingParams(max_tokens=200, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
+            survivor = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True,
+                                      output_kind=RequestOutputKind.FINAL_ONLY)
+            (failed,), (ok,) = await asyncio.wait_for(asyncio.gather(
+                collect(engine, "a", victim, "victim"), collect(engine, "b", survivor, "survivor")), 30)
+            (again,) = await asyncio.wait_for(collect(engine, "c", survivor, "after"), 30)
+            stats = await engine.engine_stats()
+            return failed, ok, again, stats, engine.errored
+        finally:
+            await engine.shutdown()
+
+    failed, ok, again, stats, errored = run(main())
+    assert failed.outputs[0].finish_reason == "error"
+    assert ok.outputs[0].finish_reason == "length" and again.outputs[0].finish_reason == "length"
+    assert errored is None and stats.num_requests_running == 0
+    assert stats.num_kv_blocks_free == stats.num_kv_blocks_total
+
+
+@pytest.mark.parametrize("placement", ["process", "thread"])
+def test_an_output_handling_fault_outside_any_request_restarts_the_engine(args, placement):
+    """A fault in handling a step's outputs that belongs to no request (a metric, say) is an engine death: the
+    open requests fail at once with EngineDeadError and the engine is restarted, never a silent stall."""
+    from pagedserve.frontend.async_llm import EngineDeadError
+
+    async def main():
+        engine = AsyncLLM(args, placement)
+        await engine.start()
+        try:
+            real_record = engine.metrics.record_new_tokens
+            faults = {"left": 1}
+
+            def record(count):
+                if faults["left"]:
+                    faults["left"] -= 1
+                    raise RuntimeError("injected metric fault")
+                real_record(count)
+
+            engine.metrics.record_new_tokens = record
+            params = SamplingParams(max_tokens=50, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
+            with pytest.raises(EngineDeadError, match="injected metric fault"):
+                await asyncio.wait_for(collect(engine, "a", params, "victim"), 30)
+            deadline = asyncio.get_running_loop().time() + 30
+            while engine.errored:  # restarted after a back-off
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.1)
+            (ok,) = await asyncio.wait_for(collect(engine, "b", params, "after"), 30)
+            return ok, engine.metrics
+        finally:
+            await engine.shutdown()
+
+    ok, metrics = run(main())
+    assert ok.outputs[0].finish_reason == "length" and len(ok.outputs[0].token_ids) == 50
+
+
+@pytest.mark.parametrize("outputs_read", [0, 1])
+def test_a_stream_dropped_unfinished_is_aborted(args, outputs_read):
+    """A client that goes away before the first output (its stream never iterated), or after one, leaves nothing:
+    the request is aborted in the engine and its stream forgotten."""
+
+    async def main():
+        engine = AsyncLLM(args)
+        await engine.start()
+        try:
+            params = SamplingParams(max_tokens=200, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+            stream = engine.add_request(engine.input_processor.make_request("x", params, "dropped"))
+            for _ in range(outputs_read):
+                await stream.__anext__()
+            del stream
+            await asyncio.sleep(0)  # the abort runs on the loop
+            left = dict(engine.streams), engine.num_unfinished_requests
+            return left, await engine.engine_stats()
+        finally:
+            await engine.shutdown()
+
+    (streams, unfinished), stats = run(main())
+    assert streams == {} and unfinished == 0
+    assert stats.num_requests_running == stats.num_requests_waiting == 0
+    assert stats.num_kv_blocks_free == stats.num_kv_blocks_total

@@ -2,7 +2,8 @@
 
 import pytest
 
-from pagedserve import LLM, CompletionOutput, RequestOutput, SamplingParams
+from pagedserve import LLM, CompletionOutput, EngineArgs, RequestOutput, SamplingParams
+from pagedserve.config import create_engine_config
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +184,10 @@ def test_gguf_file_inside_a_directory():
     llm = LLM(directory, gguf_file=name, dtype="float32", max_model_len=64, num_kv_blocks=8)
     out = llm.generate("The capital of France is", SamplingParams(max_tokens=3, temperature=0), use_tqdm=False)[0]
     assert "Paris" in out.outputs[0].text
+    defaults = llm.get_default_sampling_params()  # the default model's generation config, shipped with pagedserve
+    assert (defaults.temperature, defaults.top_p) == (0.2, 0.9)
+    no_defaults = EngineArgs(directory, gguf_file=name, generation_config="vllm")
+    assert create_engine_config(no_defaults).generation_defaults == {}
 
 
 def test_cache_salt_separates_prefix_cache(llm):

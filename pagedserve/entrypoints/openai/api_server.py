@@ -30,7 +30,7 @@ from pagedserve.frontend.engine_client import EngineClient
 from .protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, SessionCloseRequest, error_body
 from .responses.routes import add_responses_routes
 from .responses.serving_responses import ResponsesServing
-from .serving import ContextLengthError, EngineFault, ServingOptions
+from .serving import ContextLengthError, EngineFault, EventStream, ServingOptions, text_executor
 from .serving_chat import ChatServing
 from .serving_completion import CompletionServing
 
@@ -101,6 +101,21 @@ class BodySizeLimit:
         await error_response(413, self._message())(scope, receive, send)
 
 
+class EventStreamResponse(StreamingResponse):
+    """SSE whose requests are aborted however the response ends: streamed to the end, the client gone before the
+    first event or during the stream, the server stopping."""
+
+    def __init__(self, stream: EventStream) -> None:
+        super().__init__(stream.events, media_type="text/event-stream")
+        self.stream = stream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.stream.close()
+
+
 async def _until_disconnected(request: Request, work: Awaitable) -> Any:
     """Run `work`, but cancel it (aborting its requests) if the client goes away first."""
     task = asyncio.ensure_future(work)
@@ -137,9 +152,10 @@ _GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 def build_app(engine: EngineClient, options: ServingOptions, api_key: str | None = None,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-    completion_serving = CompletionServing(engine, options)
-    chat_serving = ChatServing(engine, options)
-    responses_serving = ResponsesServing(engine, options)
+    text_threads = text_executor()
+    completion_serving = CompletionServing(engine, options, text_threads)
+    chat_serving = ChatServing(engine, options, text_threads)
+    responses_serving = ResponsesServing(engine, options, text_threads)
     model_name = options.model_name
 
     @asynccontextmanager
@@ -148,6 +164,7 @@ def build_app(engine: EngineClient, options: ServingOptions, api_key: str | None
         yield
         await responses_serving.shutdown()
         await engine.shutdown()
+        text_threads.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="pagedserve", version=pagedserve.__version__, lifespan=lifespan)
 
@@ -183,8 +200,8 @@ def build_app(engine: EngineClient, options: ServingOptions, api_key: str | None
     async def respond(request: Request, make: Callable[[], Awaitable]) -> Response:
         try:
             result = await make()
-            if hasattr(result, "__aiter__"):
-                return StreamingResponse(result, media_type="text/event-stream")
+            if isinstance(result, EventStream):
+                return EventStreamResponse(result)
             body = await _until_disconnected(request, result)
             return JSONResponse(body) if body is not None else Response(status_code=499)
         except ContextLengthError as e:
@@ -314,6 +331,9 @@ async def serve(engine: AsyncLLM, options: ServingOptions, sock: socket.socket, 
     server = _Server(config, engine, shutdown_timeout)
     engine.on_fatal = server.fatal
     host, port = sock.getsockname()[:2]
+    if engine.config.generation_defaults:
+        logger.info("sampling defaults from the model's generation config (a request's own values win; "
+                    "--generation-config vllm for none): %s", engine.config.generation_defaults)
     logger.info("serving %s on http://%s:%d (OpenAI API under /v1)", options.model_name, host, port)
     logger.info("try: curl http://%s:%d/v1/completions -H 'Content-Type: application/json' -d "
                 "'{\"model\": \"%s\", \"prompt\": \"The capital of France is\", \"max_tokens\": 16}'",

@@ -8,11 +8,16 @@ silently (a lone surrogate, `stream_options` without `stream`, an unknown role, 
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from pagedserve.sampling_params import MAX_LOGPROBS, RequestOutputKind, SamplingParams, StructuredOutputsParams
 
-NonNegInt = Annotated[int, Field(ge=0)]
+# A token id is a JSON integer: `true` is not token 1, nor `1.0` (pydantic's lax ints would take both).
+TokenId = StrictInt
+# `stop` is searched for in every new piece of text, on the server's event loop: its size is bounded. OpenAI allows
+# 4 strings; vLLM sets no bound. At this bound (64 strings of 256 characters) the search takes ~20 us a token.
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 256
 
 
 def _check_unicode(value: Any, where: str = "body") -> None:
@@ -84,7 +89,7 @@ class SamplingFields(BaseModel):
     repetition_penalty: float | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
-    stop_token_ids: list[NonNegInt] | None = None
+    stop_token_ids: list[Annotated[TokenId, Field(ge=0)]] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
@@ -102,6 +107,16 @@ class SamplingFields(BaseModel):
     def _valid_unicode(cls, data: Any) -> Any:
         _check_unicode(data)
         return data
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(stops)}")
+        if any(len(s) > MAX_STOP_STRING_CHARS for s in stops):
+            raise ValueError(f"a stop string has at most {MAX_STOP_STRING_CHARS} characters")
+        return stop
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> "SamplingFields":
@@ -156,7 +171,7 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     max_tokens: int | None = 16
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: bool = False

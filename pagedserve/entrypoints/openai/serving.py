@@ -1,9 +1,11 @@
 """What /v1/completions and /v1/chat/completions share: text work off the event loop, admission before the
 response starts, usage, and the SSE framing.
 
-A request is tokenized (and its chat template rendered) on a worker thread, so a long prompt never stalls
-other clients; it is then admitted into the engine before any response byte is sent, so a request refused at
-admission (bad input, a full queue, a dead engine) gets its real status (400, 503) even when it streams.
+A request the engine would refuse now (its queue full, the engine down) is refused first, before any work on its
+text. Then it is tokenized (and its chat template rendered) on one of a few worker threads, so a long prompt never
+stalls the event loop nor the other clients' prompts; it is then admitted into the engine before any response byte
+is sent, so a request refused at admission (bad input, a full queue, a dead engine) gets its real status (400, 503)
+even when it streams.
 Streaming responses are SSE: one `data: {json}` chunk per engine step that produced something, then
 `data: [DONE]`. Leaving the stream early (the client went away) aborts the request in the engine.
 """
@@ -23,6 +25,14 @@ from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
 from .protocol import SamplingFields
 
 T = TypeVar("T")
+
+# Threads rendering chat templates and tokenizing, shared by the routes: a slow prompt holds one of them only
+# (tokenizers release the GIL, so long prompts are also tokenized side by side).
+TEXT_THREADS = 4
+
+
+def text_executor() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(TEXT_THREADS, thread_name_prefix="pagedserve-text")
 
 
 class ContextLengthError(ValueError):
@@ -60,6 +70,16 @@ class Admitted:
     @property
     def prompt_lens(self) -> list[int]:
         return [len(p["prompt_token_ids"]) for p in self.prompts]
+
+
+@dataclass
+class EventStream:
+    """A streaming response's SSE events. `close` aborts its requests if they still run: the response calls it
+    however it ends, also when the client left before the first event (the events are then never iterated, so no
+    generator's `finally` would)."""
+
+    events: AsyncIterator[str]
+    close: Callable[[], None]
 
 
 def sse(payload: dict) -> str:
@@ -105,13 +125,13 @@ async def merge(iterators: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[
 
 
 class OpenAIServing:
-    def __init__(self, engine: EngineClient, options: ServingOptions) -> None:
+    def __init__(self, engine: EngineClient, options: ServingOptions, text_executor: ThreadPoolExecutor) -> None:
+        """`text_executor` (`text_executor()`): the threads that work on prompts' text, shared by the routes."""
         self.engine = engine
         self.options = options
         self.model_name = options.model_name
         self.max_model_len = engine.config.max_model_len
-        # One thread: tokenizers and Jinja work one request at a time, but never on the event loop.
-        self.text_executor = ThreadPoolExecutor(1, thread_name_prefix="pagedserve-text")
+        self.text_executor = text_executor
 
     async def run_text(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.text_executor, fn, *args)

@@ -1,6 +1,7 @@
 """/v1/chat/completions: messages -> chat template -> completion, with OpenAI tool calling (tool_calling.py says
 how each `tool_choice` is served)."""
 
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine
@@ -10,16 +11,17 @@ from pagedserve.outputs import CompletionOutput, Logprob
 
 from .chat_prompt import render_chat_prompt
 from .protocol import ChatCompletionRequest
-from .serving import Admitted, OpenAIServing, clamp, sse, sse_error
+from .serving import Admitted, EventStream, OpenAIServing, clamp, sse, sse_error
 from .tool_calling import ChoiceTools, ToolPlan, call_json, plan_tools
 
 
 class ChatServing(OpenAIServing):
-    async def chat(self, request: ChatCompletionRequest) -> Coroutine[Any, Any, dict] | AsyncIterator[str]:
+    async def chat(self, request: ChatCompletionRequest) -> Coroutine[Any, Any, dict] | EventStream:
         """Admit the request; return the coroutine of the whole response, or the SSE stream."""
         if request.chat_template is not None and not self.options.trust_request_chat_template:
             raise ValueError("chat_template in a request is refused: the server runs it as code. Start the server "
                              "with --trust-request-chat-template to allow it")
+        self.engine.check_admission()  # a full queue or a dead engine: refused before any work on the text
         plan = plan_tools(request.tool_dicts or [], request.effective_tool_choice, request.parallel_tool_calls,
                           self.options.enable_auto_tool_choice, self.options.tool_call_parser)
         structured = plan.constrain(request.structured_outputs_params())
@@ -31,7 +33,7 @@ class ChatServing(OpenAIServing):
                 params.skip_special_tokens = False
         admitted = self.admit(prepared, f"chatcmpl-{uuid.uuid4().hex}", request)
         if request.stream:
-            return self._stream(request, admitted, plan)
+            return EventStream(self._stream(request, admitted, plan), functools.partial(self.abort, admitted))
         return self._full(request, admitted, plan)
 
     # ---- the prompt -------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """/v1/completions: prompts (text or token ids, one or several) -> completions, whole or streamed."""
 
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine
@@ -8,22 +9,23 @@ from typing import Any, cast
 from pagedserve.outputs import Logprob, RequestOutput
 
 from .protocol import CompletionRequest
-from .serving import Admitted, OpenAIServing, clamp, merge, sse, sse_error
+from .serving import Admitted, EventStream, OpenAIServing, clamp, merge, sse, sse_error
 
 
 class CompletionServing(OpenAIServing):
-    async def completions(self, request: CompletionRequest) -> Coroutine[Any, Any, dict] | AsyncIterator[str]:
+    async def completions(self, request: CompletionRequest) -> Coroutine[Any, Any, dict] | EventStream:
         """Admit the request; return the coroutine of the whole response, or the SSE stream."""
         if request.echo and request.logprobs is not None:
             raise ValueError("echo with logprobs needs prompt logprobs, which are not supported yet")
         if request.suffix:
             raise ValueError("suffix is not supported")
+        self.engine.check_admission()  # a full queue or a dead engine: refused before any work on the text
         structured = request.structured_outputs_params()
         prepared = await self.run_text(self.prepare, request, request.prompts(), request.max_tokens,
                                        request.logprobs, structured)
         admitted = self.admit(prepared, f"cmpl-{uuid.uuid4().hex}", request)
         if request.stream:
-            return self._stream(request, admitted)
+            return EventStream(self._stream(request, admitted), functools.partial(self.abort, admitted))
         return self._full(request, admitted)
 
     async def _full(self, request: CompletionRequest, admitted: Admitted) -> dict:

@@ -10,6 +10,10 @@ How `tool_choice` is served:
   follows the call marker to the tools' schemas, so an auto call's arguments always validate.
 The first three need no parser. A chat template that cannot render tools (the default model's) gets Qwen2.5's
 hermes-style tool prompt instead, and past calls and tool results in that format (`hermes_messages`).
+
+An output cut by max_tokens finishes with "length" in every mode, never "tool_calls" (a call may be cut midway):
+a named or auto call keeps the arguments generated so far, as vLLM; a required output that is not a complete
+array comes back as content, with no calls.
 """
 
 import json
@@ -100,12 +104,12 @@ class ChoiceTools:
                 calls = parse_required_output(text)
             except ValueError:  # cut off before the grammar completed (max_tokens)
                 return text, [], finish_reason
-            return None, calls if self.parallel else calls[:1], "tool_calls"
+            return None, calls if self.parallel else calls[:1], _calls_finish(finish_reason)
         if self.parser is None:
             return text, [], finish_reason
         extracted = self.parser.extract(text)
         calls = extracted.tool_calls if self.parallel else extracted.tool_calls[:1]
-        return extracted.content, calls, "tool_calls" if calls else finish_reason
+        return extracted.content, calls, _calls_finish(finish_reason) if calls else finish_reason
 
     def delta(self, text: str, finished: bool) -> tuple[str, list[dict]]:
         """Streaming: (content, OpenAI tool_call deltas) for the next piece of output text. A call's first delta
@@ -148,7 +152,12 @@ class ChoiceTools:
     def finish_reason(self, engine_reason: str | None) -> str | None:
         if engine_reason is None or self.plan.mode in ("none", "named"):
             return engine_reason
-        return "tool_calls" if self.num_calls else engine_reason
+        return _calls_finish(engine_reason) if self.num_calls else engine_reason
+
+
+def _calls_finish(engine_reason: str | None) -> str | None:
+    """The finish_reason of an output that holds calls: "tool_calls", unless max_tokens cut it ("length")."""
+    return engine_reason if engine_reason == "length" else "tool_calls"
 
 
 def hermes_messages(messages: list[dict], tools: list[dict]) -> list[dict]:

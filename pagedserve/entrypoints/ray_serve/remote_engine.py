@@ -13,7 +13,7 @@ serving. Ray Serve restarts the dead replica. While no replica answers its healt
 import asyncio
 import contextvars
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
@@ -21,6 +21,7 @@ from ray.serve.handle import DeploymentHandle
 
 from pagedserve.config import EngineArgs, EngineConfig, create_engine_config
 from pagedserve.engine.protocol import AddRequest
+from pagedserve.frontend.abort_on_drop import AbortOnDrop
 from pagedserve.frontend.async_llm import EngineDeadError, QueueFullError
 from pagedserve.frontend.input_processor import InputProcessor
 from pagedserve.outputs import RequestOutput
@@ -85,7 +86,7 @@ class RemoteEngine:
         self.watch: asyncio.Task | None = None
         self.responses: dict[str, Any] = {}  # request id -> the replica's response stream, while it runs
         self.failures: dict[str, asyncio.Queue[Exception]] = {}
-        self.eager: dict[str, EagerStream] = {}
+        self.prefetches: dict[str, asyncio.Future] = {}  # request id -> its stream's first output, being fetched
 
     async def start(self) -> None:
         response: Any = self.handle.limits.remote()
@@ -124,19 +125,23 @@ class RemoteEngine:
 
     # ---- requests -----------------------------------------------------------------------------------
 
+    def check_admission(self) -> None:
+        """EngineDeadError while no replica runs; a full queue is each replica's to say (`_Refused`)."""
+        if self.errored:
+            raise EngineDeadError(f"the engine is not running: {self.errored}")
+
     def add_request(self, add_request: AddRequest) -> AsyncIterator[RequestOutput]:
         """Stream a request (made by `input_processor.make_request`, so checked against the replicas' limits)
         from whichever replica the router picks."""
-        if self.errored:
-            raise EngineDeadError(f"the engine is not running: {self.errored}")
+        self.check_admission()
         request_id = add_request.request_id
         request = ReplicaRequest(add_request)
         self.failures[request_id] = asyncio.Queue()
         served_by = SERVED_BY.get()
         if served_by is not None:
             served_by.expect()
-        stream = EagerStream(self._stream(request, served_by))
-        self.eager[request_id] = stream
+        stream = EagerStream(self._stream(request, served_by), request_id, self.abort)
+        self.prefetches[request_id] = stream.first
         return stream
 
     async def _stream(self, request: ReplicaRequest,
@@ -220,14 +225,14 @@ class RemoteEngine:
     def abort(self, request_id: str) -> None:
         """Stop the request: cancelling the replica's stream aborts it in that replica's engine."""
         self.failures.pop(request_id, None)
-        eager = self.eager.pop(request_id, None)
-        if eager is not None:
-            eager.cancel()
+        prefetch = self.prefetches.pop(request_id, None)
+        if prefetch is not None:
+            _stop_prefetch(prefetch)
         self._forget(request_id)
 
     def _forget(self, request_id: str) -> None:
         self.failures.pop(request_id, None)
-        self.eager.pop(request_id, None)
+        self.prefetches.pop(request_id, None)
         response = self.responses.pop(request_id, None)
         if response is not None:
             response.cancel()
@@ -261,27 +266,39 @@ class RemoteEngine:
 
 class EagerStream:
     """A request's output stream whose first item is fetched from the moment the request is admitted, so it
-    is routed (and its replica known, for the response header) before the response starts."""
+    is routed (and its replica known, for the response header) before the response starts. Left before it ended
+    (closed, its consumer cancelled, or dropped: also never iterated), it aborts the request (`abort`)."""
 
-    def __init__(self, stream: AsyncGenerator[RequestOutput, None]) -> None:
+    def __init__(self, stream: AsyncGenerator[RequestOutput, None], request_id: str,
+                 abort: Callable[[str], None]) -> None:
         self.stream = stream
-        self.first: asyncio.Future | None = asyncio.ensure_future(stream.__anext__())
+        self.first: asyncio.Future = asyncio.ensure_future(stream.__anext__())
+        self.first_taken = False
+        self.guard = AbortOnDrop(request_id, abort)
 
     def __aiter__(self) -> "EagerStream":
         return self
 
     async def __anext__(self) -> RequestOutput:
-        if self.first is not None:
-            first, self.first = self.first, None
-            return await first
-        return await self.stream.__anext__()
+        try:
+            if not self.first_taken:
+                self.first_taken = True
+                return await self.first
+            return await self.stream.__anext__()
+        except BaseException:  # the end, a failure, or its consumer cancelled: nothing of it may stay
+            self.guard.close()
+            raise
 
-    def cancel(self) -> None:
-        """Never iterated to its end: the prefetch stops (the stream's own cleanup aborts the request)."""
-        if self.first is not None and not self.first.done():
-            self.first.cancel()
-        elif self.first is not None and not self.first.cancelled():
-            self.first.exception()  # retrieved: no "never retrieved" warning
+    async def aclose(self) -> None:
+        self.guard.close()
+
+
+def _stop_prefetch(first: asyncio.Future) -> None:
+    """A stream's first output will not be read: stop fetching it (the stream's own cleanup aborts the request)."""
+    if not first.done():
+        first.cancel()
+    elif not first.cancelled():
+        first.exception()  # retrieved: no "never retrieved" warning
 
 
 def _first_line(e: BaseException) -> str:

@@ -74,6 +74,13 @@ MALFORMED = [
     ("completions", completion(min_tokens=2**64), 400, "min_tokens"),
     ("completions", completion(prompt=[5, 2**63]), 400, "token ids"),
     ("completions", completion(prompt=[5, -1]), 400, "token ids"),
+    ("completions", completion(prompt=[True, False]), 400, "prompt"),  # JSON booleans are not token ids 1 and 0
+    ("completions", completion(prompt=[[5, 6], [True]]), 400, "prompt"),
+    ("completions", completion(prompt=[5, 6.0]), 400, "prompt"),
+    ("completions", completion(stop_token_ids=[True]), 400, "stop_token_ids"),
+    ("completions", completion(stop=[f"s{i}" for i in range(65)]), 400, "stop"),
+    ("completions", completion(stop="s" * 257), 400, "stop"),
+    ("chat/completions", chat(stop=[f"s{i}" for i in range(65)]), 400, "stop"),
     ("completions", completion(prompt="abc\ud800"), 400, "surrogate"),
     ("completions", completion(stop=["x\udfff"]), 400, "surrogate"),
     ("completions", completion(temperature="hot"), 400, "temperature"),
@@ -234,6 +241,28 @@ def test_engine_killed_mid_stream_is_restarted(llama_dir):
         resp = httpx.post(f"{proc.url}/v1/completions", json={"prompt": "x", "max_tokens": 3}, timeout=30)
         assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 3
         assert httpx.post(f"{proc.url}/reset_prefix_cache").status_code == 200
+    finally:
+        assert proc.stop() == 0
+
+
+def test_a_restarted_engine_keeps_the_log_level(llama_dir):
+    """--log-level reaches the engine process started after a death too: its debug lines (a grammar compiled)
+    still show."""
+    proc = ServerProcess(llama_dir, "--log-level", "debug")
+    body = {"prompt": "x", "max_tokens": 3, "response_format": {"type": "json_object"}}
+    try:
+        assert httpx.post(f"{proc.url}/v1/completions", json=body, timeout=30).status_code == 200
+        assert proc.output().count("compiled a json_object grammar") == 1, proc.output()
+        os.kill(engine_pid(proc), signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{proc.url}/health").status_code == 200:  # noticed within half a second
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        while httpx.get(f"{proc.url}/health").status_code != 200:  # restarted
+            assert time.monotonic() < deadline, proc.output()
+            time.sleep(0.2)
+        assert httpx.post(f"{proc.url}/v1/completions", json=body, timeout=30).status_code == 200
+        assert proc.output().count("compiled a json_object grammar") == 2, proc.output()
     finally:
         assert proc.stop() == 0
 

@@ -325,3 +325,32 @@ def test_a_session_is_closed_only_by_its_tenant(server, client):
     assert_error(httpx.post(url, json={"cache_salt": "tenant-b"}), 404, session)
     assert_error(httpx.post(url, json={"cache_salt": 5}), 400, "cache_salt")
     assert httpx.post(url, json={"cache_salt": "tenant-a"}).json()["closed"] is True
+
+
+def test_the_readme_example_on_the_default_model():
+    """`make serve`'s example, "What is the capital of France?", on the bundled model: sampled with its authors'
+    recommended defaults (temperature 0.2, top_p 0.9, from the generation config shipped for it), most seeded answers
+    name Paris (at temperature 1.0 most are gibberish); a request's own temperature wins over the default."""
+    proc = ServerProcess(None, sizes=("--max-model-len", "512", "--num-kv-blocks", "256"))
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+
+    async def ask(client: httpx.AsyncClient, seed: int, **extra) -> str:
+        body = {"messages": messages, "max_tokens": 24, "seed": seed, **extra}
+        resp = await client.post(f"{proc.url}/v1/chat/completions", json=body)
+        assert resp.status_code == 200, resp.text
+        return resp.json()["choices"][0]["message"]["content"]
+
+    async def main() -> tuple[list[str], list[str]]:
+        async with httpx.AsyncClient(timeout=300) as client:
+            defaults = await asyncio.gather(*(ask(client, seed) for seed in range(20)))
+            greedy = await asyncio.gather(*(ask(client, seed, temperature=0) for seed in range(3)))
+            return defaults, greedy
+
+    try:
+        defaults, greedy = asyncio.run(main())
+        assert "sampling defaults from the model's generation config" in proc.output()
+    finally:
+        assert proc.stop() == 0
+    assert sum("Paris" in text for text in defaults) >= 11, defaults  # 13 of 20 here; 6 of 20 at temperature 1.0
+    assert len(set(defaults)) > 1  # sampled, not greedy
+    assert len(set(greedy)) == 1 and "Paris" in greedy[0]  # temperature 0 asked for: greedy whatever the seed

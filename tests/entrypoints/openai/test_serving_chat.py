@@ -10,6 +10,9 @@ import pytest
 from server_utils import ServerProcess, assert_error
 from transformers import AutoTokenizer
 
+from pagedserve.entrypoints.openai.serving_chat import ChoiceTools, ToolPlan
+from pagedserve.entrypoints.openai.tool_parsers import get_tool_parser
+
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
@@ -89,6 +92,53 @@ def test_named_tool_choice(client, name):
     calls, content, _ = streamed_calls(client, tools=TOOLS, tool_choice=choice)
     assert content == "" and [(c["name"], c["arguments"]) for c in calls.values()] == [
         (name, call.function.arguments)]
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_a_call_cut_by_max_tokens_is_not_reported_as_tool_calls(client, tool_choice):
+    """A named call cut by max_tokens comes back with its partial arguments, a required one as content with no
+    call; either way finish_reason is "length", streamed or not."""
+    resp = create(client, tools=TOOLS, tool_choice=tool_choice, max_tokens=6)
+    choice = resp.choices[0]
+    assert choice.finish_reason == "length"
+    calls, content, finish = streamed_calls(client, tools=TOOLS, tool_choice=tool_choice, max_tokens=6)
+    assert finish == "length"
+    if tool_choice == "required":
+        assert choice.message.tool_calls is None and choice.message.content and not calls
+    else:
+        (call,) = choice.message.tool_calls
+        with pytest.raises(ValueError):
+            json.loads(call.function.arguments)  # cut: it does not parse
+        assert [(c["name"], c["arguments"]) for c in calls.values()] == [("get_weather", call.function.arguments)]
+
+
+# (text the model wrote, cut by max_tokens) under each tool_choice
+CUT_OUTPUTS = [
+    ("auto", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par'),
+    ("auto", '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>\n<tool_call>\n{"name": "get_w'),
+    ("required", '[{"name": "get_weather", "parameters": {"city": "Par'),
+    ("required", '[{"name": "get_time", "parameters": {}}]'),  # complete just as the budget ran out
+    ("named", '{"city": "Par'),
+]
+
+
+@pytest.mark.parametrize("mode,text", CUT_OUTPUTS)
+def test_cut_tool_call_outputs_finish_with_length(mode, text):
+    """Whatever the parser or the grammar made of an output cut by max_tokens, whole or streamed in pieces, its
+    finish_reason is "length", never "tool_calls"."""
+    parser = get_tool_parser("hermes") if mode == "auto" else None
+    plan = ToolPlan(mode, TOOLS, named="get_weather" if mode == "named" else None, parser=parser)
+    _, whole_calls, whole_finish = ChoiceTools(plan, parallel=True).whole(text, "length")
+    streaming = ChoiceTools(plan, parallel=True)
+    pieces = [text[i:i + 7] for i in range(0, len(text), 7)]
+    finishes, streamed_names = [], []
+    for i, piece in enumerate(pieces):
+        last = i == len(pieces) - 1
+        _, deltas = streaming.delta(piece, last)
+        streamed_names += [d["function"]["name"] for d in deltas if "id" in d]
+        finishes.append(streaming.finish_reason("length" if last else None))
+    assert whole_finish == "length" and finishes[-1] == "length" and set(finishes[:-1]) == {None}
+    assert streamed_names == [call.function.name for call in whole_calls]
 
 
 def test_tool_choice_none_is_plain_text(client):

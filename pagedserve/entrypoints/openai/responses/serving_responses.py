@@ -44,8 +44,8 @@ MAX_LIST_LIMIT = 100
 
 
 class ResponsesServing(OpenAIServing):
-    def __init__(self, engine: EngineClient, options: ServingOptions) -> None:
-        super().__init__(engine, options)
+    def __init__(self, engine: EngineClient, options: ServingOptions, text_executor: ThreadPoolExecutor) -> None:
+        super().__init__(engine, options, text_executor)
         self.owner = options.server_address
         self.runs: dict[str, ResponseRun] = {}  # this server's background runs, until they end
         self.store: ResponseStore | None = None  # opened at the first use of /v1/responses
@@ -83,6 +83,7 @@ class ResponsesServing(OpenAIServing):
     async def create(self, request: ResponsesRequest, tenant: str) -> Coroutine[Any, Any, dict] | AsyncIterator[str]:
         """Admit the request; return the coroutine of the whole response (or, in background, of the queued
         one), or the SSE stream."""
+        self.engine.check_admission()  # a full queue or a dead engine: refused before any work on the text
         chain: list[StoredResponse] = []
         if request.previous_response_id is not None:
             chain = await self.run_store(ResponseStore.chain, request.previous_response_id, tenant)
