@@ -6,6 +6,10 @@ get the default model as transformers loads it.
 """
 
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 
 import pytest
 import torch
@@ -35,6 +39,8 @@ from transformers import (
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
 )
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "entrypoints", "openai"))  # server_utils
 
 VOCAB_SIZE = 512
 CHAT_TEMPLATE = (
@@ -169,3 +175,40 @@ def hf_tokenizer():
 def isolated_gguf_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """GGUF tokenizers cached under the session's temporary folder, not the user's cache."""
     monkeypatch.setenv("PAGEDSERVE_CACHE", str(tmp_path_factory.getbasetemp() / "pagedserve-cache"))
+
+
+# ---- the /v1/responses tests (tests/entrypoints/openai/responses/) ----
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throwaway PostgreSQL cluster (initdb in a temporary directory, on a free port), as a store URL."""
+    if shutil.which("initdb") is None or shutil.which("pg_ctl") is None:
+        pytest.skip("PostgreSQL's initdb/pg_ctl are not installed")
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # initdb refuses to run as root
+    from server_utils import free_port
+
+    root = tempfile.mkdtemp(prefix="pagedserve-pg-")
+    os.chmod(root, 0o777)
+    data, port = os.path.join(root, "data"), free_port()
+    subprocess.run([*as_user, "initdb", "-D", data, "-U", "pagedserve", "--auth=trust"], check=True,
+                   capture_output=True)
+    subprocess.run([*as_user, "pg_ctl", "-D", data, "-w", "-l", os.path.join(root, "log"), "-o",
+                    f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
+    try:
+        yield f"postgresql://pagedserve@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, "pg_ctl", "-D", data, "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def responses_server(llama_dir):
+    """One server for the /v1/responses tests (tiny random checkpoint, hermes tool parser, a store of its own)."""
+    from server_utils import ServerProcess
+
+    proc = ServerProcess(llama_dir, "--engine-placement", "thread", "--enable-auto-tool-choice", "--tool-call-parser",
+                         "hermes", "--enable-prompt-tokens-details",
+                         sizes=("--dtype", "float32", "--max-model-len", "1024", "--num-kv-blocks", "512"))
+    yield proc
+    assert proc.stop() == 0

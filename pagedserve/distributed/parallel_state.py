@@ -23,14 +23,13 @@ COLLECTIVE_TIMEOUT = timedelta(seconds=120)
 
 def init_tensor_parallel(rank: int, world_size: int, init_method: str, backend: str) -> None:
     """Join the group (`init_method`: tcp://host:port of rank 0's rendezvous); gloo on CPU, NCCL on GPU. On the
-    CPU the all-reduces go through a shared-memory segment named after the rendezvous port."""
+    CPU the all-reduces go through a shared-memory segment (shm_all_reduce.py)."""
     global _rank, _size, _shm
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                             timeout=COLLECTIVE_TIMEOUT)
     _rank, _size = rank, world_size
     if backend == "gloo":
-        name = f"pagedserve-tp-{init_method.rsplit(':', 1)[-1]}"
-        _shm = ShmAllReduce.create(rank, world_size, name, COLLECTIVE_TIMEOUT.total_seconds())
+        _shm = ShmAllReduce.create(rank, world_size, COLLECTIVE_TIMEOUT.total_seconds())
 
 
 def destroy_tensor_parallel() -> None:

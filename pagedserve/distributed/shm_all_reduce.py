@@ -6,15 +6,20 @@ and a step makes two per layer. Ranks on one machine can instead share a segment
 slot, publishes a sequence number and sums every slot once all have published (a few microseconds). vLLM's CPU
 backend does the same.
 
-The segment (a file in /dev/shm, unlinked as soon as every rank has mapped it, so nothing outlives the group):
-one 64-byte line per rank holding the last call it published, then two slots of `slot_bytes` per rank. A tensor
-larger than a slot goes through in slot-sized pieces. Every rank must make the same calls in the same order, as
+The segment is a file in /dev/shm that rank 0 creates under a random name, exclusively (O_EXCL: a file another
+local user put there first is never reused), without following a link (O_NOFOLLOW), readable by this user only
+(0600); the other ranks learn the name from rank 0 and check the file is this user's, then it is unlinked as soon
+as every rank has mapped it, so nothing outlives the group. Its layout: one 64-byte line per rank holding the
+last call it published, then two slots of `slot_bytes` per rank. A tensor larger than a slot goes through in
+slot-sized pieces. Every rank must make the same calls in the same order, as
 the model's forward does.
 """
 
 import ctypes
 import mmap
 import os
+import secrets
+import stat
 from pathlib import Path
 
 import torch
@@ -30,18 +35,29 @@ _ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes
 SLOT_BYTES = 8 << 20
 
 
+def segment_name() -> str:
+    """A name no one can guess ahead of rank 0 (128 random bits)."""
+    return f"pagedserve-tp-{secrets.token_hex(16)}"
+
+
 class ShmAllReduce:
-    def __init__(self, library: ctypes.CDLL, rank: int, world_size: int, name: str, timeout_s: float) -> None:
+    def __init__(self, library: ctypes.CDLL, rank: int, world_size: int, timeout_s: float) -> None:
         """Map the group's segment: rank 0 creates it, the others open it (collective: every rank calls this)."""
         self.library, self.rank, self.world_size, self.timeout_s = library, rank, world_size, timeout_s
-        path = f"/dev/shm/{name}"
         size = _HEADER + 2 * world_size * SLOT_BYTES
+        names = [segment_name() if rank == 0 else None]
         if rank == 0:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            path = f"/dev/shm/{names[0]}"
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             os.ftruncate(fd, size)
-        dist.barrier()
+        dist.broadcast_object_list(names, src=0)
         if rank != 0:
-            fd = os.open(path, os.O_RDWR)
+            path = f"/dev/shm/{names[0]}"
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+            info = os.fstat(fd)
+            if info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) != 0o600:
+                os.close(fd)
+                raise PermissionError(f"{path} is not this user's private segment")
         self.segment = mmap.mmap(fd, size)
         os.close(fd)
         dist.barrier()
@@ -51,7 +67,7 @@ class ShmAllReduce:
         self.seq = 0
 
     @classmethod
-    def create(cls, rank: int, world_size: int, name: str, timeout_s: float) -> "ShmAllReduce | None":
+    def create(cls, rank: int, world_size: int, timeout_s: float) -> "ShmAllReduce | None":
         """None where the kernel cannot be built or /dev/shm is missing (gloo's all-reduce is used instead); the
         ranks agree, since they run on one machine with one environment."""
         if world_size > _HEADER // 64:  # the header holds one 64-byte line per rank
@@ -63,7 +79,7 @@ class ShmAllReduce:
                                                     ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                                                     ctypes.c_int64, ctypes.c_double])
         library = build.load(_SOURCE, "the shared-memory all-reduce", functions)
-        return None if library is None else cls(library, rank, world_size, name, timeout_s)
+        return None if library is None else cls(library, rank, world_size, timeout_s)
 
     def supports(self, x: torch.Tensor) -> bool:
         return x.device.type == "cpu" and x.dtype in _DTYPES
