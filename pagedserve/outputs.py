@@ -26,6 +26,9 @@ class CompletionOutput:
     logprobs: SampleLogprobs | None
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    # With finish_reason "error": why, when it was the request's own input (a grammar that did not compile);
+    # None for an engine fault (logged by the server, not shown to the client)
+    error: str | None = None
 
     def finished(self) -> bool:
         return self.finish_reason is not None

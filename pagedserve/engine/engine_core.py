@@ -241,7 +241,7 @@ class EngineCore:
             if error is None:
                 request.status = RequestStatus.WAITING
             else:
-                outputs += self._fail(request, error)
+                outputs += self._fail(request, error, "input")  # its grammar failed to compile, or in time
         return outputs
 
     @staticmethod
@@ -311,14 +311,16 @@ class EngineCore:
             if not samples:
                 del self.requests[request.client_request_id]
 
-    def _fail(self, request: Request, message: str) -> list[EngineCoreOutput]:
-        """Finish a request with an error, and the samples that were to fork from it."""
+    def _fail(self, request: Request, message: str, kind: str | None = None) -> list[EngineCoreOutput]:
+        """Finish a request with an error, and the samples that were to fork from it (`kind`: see
+        EngineCoreOutput.error_kind)."""
         outputs = []
         for sample in [request, *request.pending_forks]:
             sample.error = message
             self._finish(sample, RequestStatus.FINISHED_ERROR)
             outputs.append(EngineCoreOutput(
-                sample.client_request_id, [], finish_reason="error", error=message, index=sample.index,
+                sample.client_request_id, [], finish_reason="error", error=message, error_kind=kind,
+                index=sample.index,
             ))
         return outputs
 

@@ -137,6 +137,8 @@ class EngineCoreOutput(msgspec.Struct):
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
     error: str | None = None
+    # "input": the request's own data failed it (a grammar that did not compile): the client's error, a 400
+    error_kind: str | None = None
     index: int = 0
 
     @property

@@ -33,6 +33,7 @@ class SampleState:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     error: str | None = None
+    input_error: str | None = None  # an error the request's own input caused: the client is told
     # How much has been handed out as deltas (streaming).
     num_sent_chars: int = 0
     num_sent_tokens: int = 0
@@ -44,7 +45,7 @@ class SampleState:
     def completion(self) -> CompletionOutput:
         return CompletionOutput(
             self.index, self.detokenizer.text, list(self.token_ids), self.cumulative_logprob, self.logprobs,
-            self.finish_reason, self.stop_reason,
+            self.finish_reason, self.stop_reason, self.input_error,
         )
 
     def delta(self, hold_back: int) -> CompletionOutput | None:
@@ -58,7 +59,7 @@ class SampleState:
         logprobs = self.logprobs[self.num_sent_tokens :] if self.logprobs is not None else None
         out = CompletionOutput(
             self.index, text[self.num_sent_chars : end], new_tokens, self.cumulative_logprob, logprobs,
-            self.finish_reason, self.stop_reason,
+            self.finish_reason, self.stop_reason, self.input_error,
         )
         self.num_sent_chars, self.num_sent_tokens = end, len(self.token_ids)
         return out
@@ -204,4 +205,6 @@ class OutputProcessor:
         if core_out.finished:
             sample.finish_reason, sample.stop_reason = core_out.finish_reason, core_out.stop_reason
             sample.error = core_out.error
+            if core_out.error_kind == "input":
+                sample.input_error = core_out.error
         return False

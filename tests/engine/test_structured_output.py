@@ -315,3 +315,44 @@ def test_a_compile_that_takes_too_long_fails_its_request(llama_dir, monkeypatch)
     release.set()
     assert run.finals[("slow", 0)].finish_reason == "error"
     assert "did not compile within" in run.finals[("slow", 0)].error
+
+
+def test_a_compile_failure_is_the_clients_error_and_one_slow_compile_holds_up_no_other(llama_dir, monkeypatch):
+    """A grammar that fails to compile (or in time) is the request's own input: error_kind "input" (a 400 in the
+    server). Compiles run on several threads: a grammar stuck compiling does not delay another one."""
+    engine = make_engine(llama_dir)
+    release = threading.Event()
+    compile_ = backend_class("xgrammar").compile
+
+    def compile_or_fail(self, params):
+        if params.regex == "stuck":
+            assert release.wait(30)
+        if params.regex == "b+":
+            raise ValueError("structured_outputs: this grammar cannot be compiled")
+        return compile_(self, params)
+
+    monkeypatch.setattr(backend_class("xgrammar"), "compile", compile_or_fail)
+    engine.add_request(AddRequest("stuck", [5, 6], constrained(regex="stuck")))
+    engine.add_request(AddRequest("bad", [5, 6], constrained(regex="b+")))
+    engine.add_request(AddRequest("fine", [5, 6], constrained(regex="a+", max_tokens=3)))
+    outputs = []
+    for _ in range(200):
+        outputs += engine.step()
+        if {"bad", "fine"} <= {o.request_id for o in outputs if o.finish_reason}:
+            break
+    release.set()
+    run_all(engine)
+    finals = {o.request_id: o for o in outputs if o.finish_reason}
+    assert finals["bad"].finish_reason == "error" and finals["bad"].error_kind == "input"
+    assert finals["fine"].finish_reason in ("stop", "length")  # while "stuck" was still compiling
+    # the caches hold the constraint's digest, not its text
+    assert all(len(digest) == 32 for digest, _ in engine.structured_output._grammars)
+
+
+def test_the_backend_choice_is_cached_by_digest():
+    from pagedserve.engine.structured_output import backends
+
+    big = StructuredOutputsParams(json={"type": "object", "description": "x" * 100_000})
+    assert choose_backend(big, "auto") == "xgrammar"
+    assert (backends.constraint_digest(big), "auto") in backends._CHOICES
+    assert all(len(digest) == 32 for digest, _ in backends._CHOICES)

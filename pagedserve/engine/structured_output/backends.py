@@ -3,8 +3,9 @@
 The backend modules are imported here, not in `backend.py`, which they import for the interface.
 """
 
-import functools
-import json
+import hashlib
+import threading
+from collections import OrderedDict
 
 from pagedserve.engine.structured_output.backend import GrammarBackend
 from pagedserve.sampling_params import StructuredOutputsParams
@@ -20,14 +21,33 @@ def choose_backend(params: StructuredOutputsParams, configured: str) -> str:
     special tokens (`<|im_end|>`, which xgrammar resolves only with a tokenizer), `whitespace_pattern`, and
     JSON schemas with keywords xgrammar 0.2 accepts but does not enforce as written: minLength/maxLength,
     contains, uniqueItems (see backend_xgrammar.unenforced_json_keyword).
-    Only parsing happens here (well under a millisecond for a tool-sized schema), and the answer is cached.
+    Only parsing happens here (well under a millisecond for a tool-sized schema), and the answer is cached by the
+    constraint's digest (a constraint may be megabytes: the cache holds 32 bytes of it).
     """
-    return _choose_backend(params.key(), configured)
+    key = (constraint_digest(params), configured)
+    with _CHOICES_LOCK:
+        if key in _CHOICES:
+            _CHOICES.move_to_end(key)
+            return _CHOICES[key]
+    choice = _choose_backend(params, configured)  # a ValueError is not cached: a bad constraint is rare
+    with _CHOICES_LOCK:
+        _CHOICES[key] = choice
+        if len(_CHOICES) > MAX_CACHED_CHOICES:
+            _CHOICES.popitem(last=False)
+    return choice
 
 
-@functools.lru_cache(maxsize=1024)
-def _choose_backend(key: str, configured: str) -> str:
-    params = StructuredOutputsParams(**json.loads(key))
+MAX_CACHED_CHOICES = 4096
+_CHOICES: OrderedDict[tuple[bytes, str], str] = OrderedDict()  # (digest, configured) -> backend, LRU
+_CHOICES_LOCK = threading.Lock()  # the text threads and the engine's loop ask at once
+
+
+def constraint_digest(params: StructuredOutputsParams) -> bytes:
+    """What a constraint is keyed by in the caches: the sha256 of its canonical text."""
+    return hashlib.sha256(params.key().encode()).digest()
+
+
+def _choose_backend(params: StructuredOutputsParams, configured: str) -> str:
     if configured != "auto":
         backend_class(configured).check(params)
         return configured

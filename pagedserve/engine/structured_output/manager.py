@@ -9,7 +9,6 @@ bitmask, attached to the step's SchedulerOutput. The tokenizer is loaded on the 
 
 import logging
 import math
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -23,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 from pagedserve.config import EngineConfig
 from pagedserve.engine.request import Request, RequestStatus
 from pagedserve.engine.structured_output.backend import GrammarBackend, GrammarMatcher
-from pagedserve.engine.structured_output.backends import backend_class, choose_backend
+from pagedserve.engine.structured_output.backends import backend_class, choose_backend, constraint_digest
 from pagedserve.model_executor.step import GrammarBitmask
 from pagedserve.sampling_params import StructuredOutputsParams
 from pagedserve.tokenizer import load_tokenizer
@@ -31,6 +30,7 @@ from pagedserve.tokenizer import load_tokenizer
 logger = logging.getLogger("pagedserve")
 
 COMPILE_TIMEOUT_S = 60.0  # a request whose grammar takes longer fails (the compile itself cannot be stopped)
+COMPILE_THREADS = 4
 GRAMMAR_CACHE_SIZE = 64  # compiled grammars kept, least recently used out first (a JSON one: ~1 MB at 49k tokens)
 
 
@@ -40,13 +40,15 @@ class StructuredOutputManager:
         self.eos_token_ids = eos_token_ids
         self.matchers: dict[str, GrammarMatcher] = {}  # by sample, from the moment its grammar is compiled
         self.compiling: dict[str, tuple[Request, Future, float]] = {}  # request, its compile, since when
-        self._grammars: OrderedDict[tuple[str, str], Future] = OrderedDict()  # (constraint, backend) -> compile
+        # (the constraint's digest, backend) -> its compile: the key is 32 bytes whatever the constraint's size
+        self._grammars: OrderedDict[tuple[bytes, str], Future] = OrderedDict()
         self._backends: dict[str, GrammarBackend] = {}
         self._backends_lock = threading.Lock()
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self.vocab_size = 0  # the bitmask's width in bits, once the tokenizer is loaded
         self._bitmask: torch.Tensor | None = None  # [max_num_seqs, ceil(vocab_size / 32)], reused every step
-        self._compile_pool = ThreadPoolExecutor(max(1, (os.cpu_count() or 2) // 4), "grammar-compile")
+        # Several compiles at once: one slow grammar (up to COMPILE_TIMEOUT_S) does not hold up every other one.
+        self._compile_pool = ThreadPoolExecutor(COMPILE_THREADS, "grammar-compile")
         self._fill_pool = ThreadPoolExecutor(1, "grammar-bitmask")
 
     def validate(self, params: StructuredOutputsParams) -> str:
@@ -58,7 +60,7 @@ class StructuredOutputManager:
         tried again); the request waits in the queue (WAITING_FOR_GRAMMAR) until `take_compiled` says so."""
         params = request.sampling_params.structured_outputs
         assert params is not None, "not a constrained request"
-        key = (params.key(), self.validate(params))
+        key = (constraint_digest(params), self.validate(params))
         grammar = self._grammars.get(key)
         if grammar is None or (grammar.done() and grammar.exception() is not None):
             grammar = self._grammars[key] = self._compile_pool.submit(self._compile, params, key[1])

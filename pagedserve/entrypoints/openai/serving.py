@@ -87,7 +87,10 @@ def sse(payload: dict) -> str:
 
 
 def sse_error(e: Exception) -> str:
-    """The last event of a stream that failed after it started (the engine died, or failed the request)."""
+    """The last event of a stream that failed after it started: the request's own input (a ValueError: 400), or the
+    engine (it died, or failed the request: 500)."""
+    if isinstance(e, ValueError):
+        return sse({"error": {"message": str(e), "type": "invalid_request_error", "param": None, "code": 400}})
     return sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": 500}})
 
 
@@ -179,7 +182,10 @@ class OpenAIServing:
 
     @staticmethod
     def check(output: CompletionOutput) -> None:
+        """A failed output: the client's error (a 400, e.g. a grammar that did not compile) or the engine's."""
         if output.finish_reason == "error":
+            if output.error is not None:
+                raise ValueError(output.error)
             raise EngineFault("the engine failed this request; see the server log")
 
     @staticmethod
