@@ -7,6 +7,7 @@ too large, 503 queue full or engine down, 500 an engine fault. The OpenAPI docum
 
 import asyncio
 import hmac
+import inspect
 import logging
 import signal
 import socket
@@ -202,6 +203,8 @@ def build_app(engine: EngineClient, options: ServingOptions, api_key: str | None
             result = await make()
             if isinstance(result, EventStream):
                 return EventStreamResponse(result)
+            if not inspect.isawaitable(result):  # a stream that ends its work itself (the Responses API's runs)
+                return StreamingResponse(result, media_type="text/event-stream")
             body = await _until_disconnected(request, result)
             return JSONResponse(body) if body is not None else Response(status_code=499)
         except ContextLengthError as e:
