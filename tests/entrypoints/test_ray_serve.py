@@ -477,8 +477,8 @@ def cluster(llama_dir, tmp_path_factory) -> Iterator[Server]:
             assert time.monotonic() < deadline, f"the server was not ready in 240 s:\n{server.log_tail()}"
             time.sleep(1)
         # the Ray started last on this machine: the server's (its address alone is refused without the
-        # session's auth token, which "auto" finds); it listens on loopback only, so this driver joins from there
-        ray.init(address="auto", _node_ip_address="127.0.0.1", logging_level="ERROR", log_to_driver=False)
+        # session's auth token, which "auto" finds)
+        ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
         yield server
     finally:
         ray.shutdown()
