@@ -5,12 +5,14 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from report import QUICK_WARNING
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -179,7 +181,6 @@ class ModelCost:
 # ----------------------------------------------------------------------------------------------------------
 
 
-QUICK_WARNING = "**--quick run: sizes shrunk to check the script; do not quote these numbers.**"
 
 
 def section_intro(script: str, quick: bool, minutes: float, description: str,
@@ -214,6 +215,17 @@ def fmt(value: float | None, digits: int = 1, suffix: str = "") -> str:
 
 def pct(part: float | None, whole: float | None) -> str:
     return "-" if part is None or not whole else f"{100 * part / whole:.0f}%"
+
+
+def verdict(met: bool) -> str:
+    """A goal's mark in a goals table."""
+    return "met" if met else "**not met**"
+
+
+def median_ratio(ours: Sequence[float], theirs: Sequence[float]) -> float | None:
+    """The median of the per-round ratios ours / theirs (rounds paired in order); None if either was not run."""
+    ratios = [a / b for a, b in zip(ours, theirs) if b]
+    return statistics.median(ratios) if ratios else None
 
 
 # ----------------------------------------------------------------------------------------------------------

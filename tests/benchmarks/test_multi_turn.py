@@ -1,6 +1,7 @@
 """The agent workload of benchmarks/multi_turn.py against the fake server, and BENCHMARKS.md sections."""
 
 import os
+import subprocess
 import sys
 
 import pytest
@@ -10,6 +11,7 @@ from transformers import AutoTokenizer
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
 import multi_turn  # noqa: E402
+import report  # noqa: E402
 from report import replace_section  # noqa: E402
 
 
@@ -109,21 +111,62 @@ def test_goals():
 
 def test_replace_section(tmp_path):
     path = str(tmp_path / "BENCHMARKS.md")
-    replace_section(path, "serving", "first")
-    assert open(path).read() == "<!-- section: serving -->\nfirst\n<!-- end: serving -->\n"
+    replace_section(path, "serving", "first", commit="abc")
+    assert open(path).read() == "<!-- section: serving -->\nfirst\n\nMeasured at commit `abc`.\n<!-- end: serving -->\n"
 
     with open(path, "w") as f:
         f.write("# Title\n\nintro\n")
-    replace_section(path, "serving", "table v1\n")
-    replace_section(path, "peers", "peers v1")
-    replace_section(path, "serving", "table v2")
+    replace_section(path, "serving", "table v1\n", commit="abc")
+    replace_section(path, "peers", "peers v1", commit="abc")
+    replace_section(path, "serving", "table v2", commit="def")
     assert open(path).read() == (
         "# Title\n\nintro\n\n"
-        "<!-- section: serving -->\ntable v2\n<!-- end: serving -->\n\n"
-        "<!-- section: peers -->\npeers v1\n<!-- end: peers -->\n"
+        "<!-- section: serving -->\ntable v2\n\nMeasured at commit `def`.\n<!-- end: serving -->\n\n"
+        "<!-- section: peers -->\npeers v1\n\nMeasured at commit `abc`.\n<!-- end: peers -->\n"
     )
 
     with open(path, "a") as f:
         f.write("<!-- section: broken -->\nno end marker\n")
     with pytest.raises(ValueError, match="no '<!-- end: broken -->'"):
         replace_section(path, "broken", "x")
+
+
+def test_measured_commit_names_head_and_uncommitted_changes(tmp_path):
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True,
+                              text=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "BENCHMARKS.md").write_text("figures\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first")
+    head = git("rev-parse", "--short=12", "HEAD")
+    assert report.measured_commit(str(tmp_path)) == head
+    (tmp_path / "BENCHMARKS.md").write_text("new figures\n")  # the report itself does not count
+    assert report.measured_commit(str(tmp_path)) == head
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert report.measured_commit(str(tmp_path)) == f"{head} + uncommitted changes"
+    assert report.measured_commit(str(tmp_path / "missing")) == "unknown"
+
+
+def test_a_quick_section_never_reaches_the_repository_report(tmp_path, monkeypatch, capsys):
+    target = tmp_path / "BENCHMARKS.md"
+    target.write_text("kept\n")
+    monkeypatch.setattr(report, "REPO_BENCHMARKS", str(target))
+    replace_section(str(target), "routing", f"## Routing\n\n{report.QUICK_WARNING}\n", commit="abc")
+    assert target.read_text() == "kept\n"
+    assert "not written" in capsys.readouterr().err
+    replace_section(str(target), "routing", "## Routing\n", commit="abc")  # a full run is written
+    assert "## Routing" in target.read_text()
+
+
+def test_the_committed_report_has_no_quick_section_and_every_section_names_its_commit():
+    with open(report.REPO_BENCHMARKS) as f:
+        text = f.read()
+    assert report.QUICK_WARNING not in text
+    sections = text.split("<!-- section: ")[1:]
+    assert sections
+    for section in sections:
+        name = section.split(" -->", 1)[0]
+        assert "Measured at commit `" in section or "Figures committed in `" in section, name
