@@ -92,7 +92,7 @@ def main() -> None:
         return
 
     import peers
-    from common import OtherLoadMeter, log, machine_description, markdown_table, section_intro, wait_for_quiet
+    from common import OtherLoadMeter, log, machine_description, markdown_table, section_intro, verdict, wait_for_quiet
     from report import replace_section
 
     started = time.monotonic()
@@ -115,11 +115,13 @@ def main() -> None:
             machine[engine].append(meter.stop().label())
             log(f"  {results[engine][-1]}; {machine[engine][-1]}")
 
-    rows = []
+    rows, goals = [], []
     for name, *_ in QUICK_WORKLOADS if args.quick else WORKLOADS:
         ours = [res[name] for res in results["pagedserve"]]
         theirs = [res[name] for res in results["vllm"]]
         ratios = [a / b for a, b in zip(ours, theirs)]
+        goals.append([f"{name}: >= 1.25x vLLM", f"{statistics.median(ratios):.2f}x",
+                      verdict(statistics.median(ratios) >= 1.25)])
         unit = "prompt tok/s" if name.startswith("prefill") else "output tok/s"
         rows.append([name, unit, " / ".join(f"{x:.1f}" for x in ours), " / ".join(f"{x:.1f}" for x in theirs),
                      " / ".join(f"{x:.2f}" for x in ratios), f"**{statistics.median(ratios):.2f}x**"])
@@ -141,7 +143,8 @@ def main() -> None:
                           if ASYNC in results else [])], rows), "",
         markdown_table(["engine", "round", "rest of the machine during the worker (includes its start-up)"],
                        machine_rows), "",
-        "Goal (issue 13): >= 1.25x vLLM at every size, on long prompts and in prefill.",
+        "Goal (issue 13): >= 1.25x vLLM at every size, on long prompts and in prefill.", "",
+        markdown_table(["goal", "measured (median ratio)", "verdict"], goals),
     ])
     print(body)
     if args.output:
