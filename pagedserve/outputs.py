@@ -15,6 +15,7 @@ class Logprob:
 
 # One dict per generated token: token id -> Logprob (the sampled token plus the top-k).
 SampleLogprobs = list[dict[int, Logprob]]
+PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 @dataclass
@@ -42,3 +43,6 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: dict = field(default_factory=dict)
+    # With SamplingParams.prompt_logprobs: one entry per prompt token (None for the first, which nothing
+    # predicts): its token id -> Logprob (with its rank), plus the top prompt_logprobs alternatives.
+    prompt_logprobs: PromptLogprobs | None = None

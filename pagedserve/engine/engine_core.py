@@ -46,6 +46,7 @@ from pagedserve.engine.structured_output.manager import StructuredOutputManager
 from pagedserve.executor import make_executor
 from pagedserve.executor.base import Executor, WorkerFailed
 from pagedserve.model_executor.step import ModelRunnerOutput, SchedulerOutput
+from pagedserve.outputs import TokenLogprobs
 from pagedserve.sampling_params import SamplingParams
 
 logger = logging.getLogger("pagedserve")
@@ -232,6 +233,7 @@ class EngineCore:
         second, second_errors = self._execute(sched, req_ids[middle:])
         result.sampled_token_ids.update(second.sampled_token_ids)
         result.logprobs.update(second.logprobs)
+        result.prompt_logprobs.update(second.prompt_logprobs)
         return result, errors | second_errors
 
     def _admit_compiled(self) -> list[EngineCoreOutput]:
@@ -264,6 +266,8 @@ class EngineCore:
                 continue
             if request.session_id is not None:
                 self.sessions.add_service(session_key(request.session_id, request.cache_salt), num_new)
+            if req_id in result.prompt_logprobs:
+                self._add_prompt_logprobs(request, *result.prompt_logprobs[req_id])
             token_id = result.sampled_token_ids.get(req_id)
             if token_id is None:  # a prefill chunk that does not reach the end yet
                 continue
@@ -284,11 +288,22 @@ class EngineCore:
                 request.client_request_id, [token_id], [logprobs] if logprobs is not None else None,
                 num_cached_tokens=request.num_cached_tokens, index=request.index,
             )
+            if request.sampling_params.prompt_logprobs is not None and not request.prompt_logprobs_sent \
+                    and not request.needs_prompt_logprobs:  # with the first token (a fork computed none: it sends none)
+                output.prompt_logprobs, request.prompt_logprobs_sent = request.prompt_logprobs, True
             if status is not None:
                 self._finish(request, status)
                 output.finish_reason, output.stop_reason = status.finish_reason, request.stop_reason
             outputs.append(output)
         return outputs
+
+    @staticmethod
+    def _add_prompt_logprobs(request: Request, first: int, entries: list[TokenLogprobs]) -> None:
+        """Keep a chunk's prompt logprobs (entries[i] is of prompt position first + i). A request recomputed after
+        preemption computes positions it has again: only the new ones are kept."""
+        have = len(request.prompt_logprobs) + 1  # the next position it has none for
+        if first <= have:
+            request.prompt_logprobs += entries[have - first:]
 
     def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
         params = request.sampling_params

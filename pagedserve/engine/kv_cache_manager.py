@@ -70,9 +70,10 @@ class KVCacheManager:
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
         """The longest run of cached full blocks of the request's tokens, and how many tokens that is.
 
-        At least one token is always left to compute, so the step has logits to sample from.
+        At least one token is always left to compute, so the step has logits to sample from. A request that still
+        needs prompt logprobs finds nothing: the logits of its prompt positions must be computed (as vLLM).
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or request.needs_prompt_logprobs:
             return [], 0
         hashes = self.block_hashes(request)
         max_hit_blocks = (request.num_tokens - 1) // self.block_size

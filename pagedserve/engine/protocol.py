@@ -53,8 +53,6 @@ def validate_request(limits: ModelLimits, prompt_token_ids: list[int], params: S
         raise ValueError(f"n={n} samples cannot run together: max_num_seqs is {limits.max_num_seqs}")
     if seed is not None and seed + n - 1 > MAX_SEED:
         raise ValueError(f"sample seeds seed + i must be at most {MAX_SEED}, got seed={seed} with n={n}")
-    if params.prompt_logprobs is not None:
-        raise ValueError("prompt_logprobs is not supported yet")
 
 
 MAX_SESSION_ID_LEN = 256
@@ -133,6 +131,8 @@ class EngineCoreOutput(msgspec.Struct):
     request_id: str
     new_token_ids: list[int]
     new_logprobs: list[TokenLogprobs] | None = None
+    # With the first token of a request that asked for prompt logprobs: those of prompt positions 1, 2, ...
+    prompt_logprobs: list[TokenLogprobs] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0

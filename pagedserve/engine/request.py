@@ -4,6 +4,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from pagedserve.outputs import TokenLogprobs
 from pagedserve.sampling_params import SamplingParams
 
 
@@ -57,6 +58,9 @@ class Request:
     num_cached_tokens: int = 0
     stop_reason: int | str | None = None
     error: str | None = None
+    # With sampling_params.prompt_logprobs: those of prompt positions 1, 2, ... as computed so far; sent once whole.
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs_sent: bool = False
     # The caller's id and which of its n samples this is (EngineCore sets request_id to f"{it}#{index}").
     client_request_id: str = ""
     index: int = 0
@@ -69,6 +73,12 @@ class Request:
     priority: int = 0  # lower runs first under the priority policy (vLLM's)
     arrival_time: float = field(default_factory=time.monotonic)
     arrival_index: int = 0  # order of arrival, the tie-break of every policy
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """It asked for prompt logprobs and has not all of them: its prompt must be computed, not found cached."""
+        return (self.sampling_params.prompt_logprobs is not None
+                and len(self.prompt_logprobs) < len(self.prompt_token_ids) - 1)
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pagedserve.engine.protocol import EngineCoreOutput
 from pagedserve.frontend.detokenizer import IncrementalDetokenizer
-from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput, SampleLogprobs
+from pagedserve.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput, SampleLogprobs, TokenLogprobs
 from pagedserve.sampling_params import SamplingParams
 
 logger = logging.getLogger("pagedserve")
@@ -77,6 +77,8 @@ class RequestState:
     last_token_time: float | None = None
     num_cached_tokens: int = 0
     num_generation_tokens: int = 0
+    prompt_logprobs: PromptLogprobs | None = None  # once the engine sent them (with the first token)
+    prompt_logprobs_sent: bool = False  # in a delta
 
     @property
     def finished(self) -> bool:
@@ -86,17 +88,20 @@ class RequestState:
         """The cumulative output so far."""
         return RequestOutput(
             self.request_id, self.prompt, self.prompt_token_ids, [s.completion() for s in self.samples],
-            self.finished, self.metrics(),
+            self.finished, self.metrics(), self.prompt_logprobs,
         )
 
     def delta_output(self) -> RequestOutput | None:
-        """Only what changed since the last delta (for streaming); None if nothing did."""
+        """Only what changed since the last delta (for streaming); None if nothing did. The prompt logprobs come
+        in the first delta that has them."""
         hold_back = self.params.output_text_buffer_length
         deltas = [d for s in self.samples if (d := s.delta(hold_back)) is not None]
         if not deltas:
             return None
+        prompt_logprobs = None if self.prompt_logprobs_sent else self.prompt_logprobs
+        self.prompt_logprobs_sent = prompt_logprobs is not None
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, deltas, self.finished,
-                             self.metrics())
+                             self.metrics(), prompt_logprobs)
 
     def metrics(self) -> dict:
         return {"arrival_time": self.arrival_time, "first_token_time": self.first_token_time,
@@ -175,6 +180,10 @@ class OutputProcessor:
             if not sample.finished:
                 sample.finish_reason, sample.stop_reason, sample.error = "error", None, message
 
+    def _decoded(self, entry: TokenLogprobs) -> dict[int, Logprob]:
+        return {token_id: Logprob(lp, rank, cast(str, self.tokenizer.decode([token_id])))
+                for token_id, (lp, rank) in entry.items()}
+
     def _apply(self, state: RequestState, sample: SampleState, core_out: EngineCoreOutput, now: float) -> bool:
         """Fold one core output into its sample; True when a stop string ended it (abort it in the core)."""
         new_token_ids = core_out.new_token_ids
@@ -185,12 +194,10 @@ class OutputProcessor:
             state.last_token_time = now
             state.num_generation_tokens += len(new_token_ids)
         sample.token_ids += new_token_ids
+        if core_out.prompt_logprobs is not None and state.prompt_logprobs is None:
+            state.prompt_logprobs = [None, *map(self._decoded, core_out.prompt_logprobs)]
         if core_out.new_logprobs is not None and sample.logprobs is not None:
-            for entry in core_out.new_logprobs:
-                sample.logprobs.append({
-                    token_id: Logprob(lp, rank, cast(str, self.tokenizer.decode([token_id])))
-                    for token_id, (lp, rank) in entry.items()
-                })
+            sample.logprobs += map(self._decoded, core_out.new_logprobs)
             sampled = sum(entry[t][0] for entry, t in zip(core_out.new_logprobs, new_token_ids))
             sample.cumulative_logprob = (sample.cumulative_logprob or 0.0) + sampled
         text_token_ids = new_token_ids

@@ -13,14 +13,15 @@ from pagedserve.config import EngineConfig
 from pagedserve.distributed.parallel_state import broadcast_sampled, min_across_ranks, tp_rank, tp_size
 from pagedserve.model_executor.attention import cpu_kernel
 from pagedserve.model_executor.attention.torch_paged import AttentionMetadata
-from pagedserve.model_executor.layers.sampler import Sampler, SamplingMetadata
+from pagedserve.model_executor.layers.sampler import Sampler, SamplingMetadata, logprob_entry, token_logprobs
 from pagedserve.model_executor.loader import load_model
-from pagedserve.model_executor.step import GrammarBitmask, ModelRunnerOutput, SchedulerOutput
+from pagedserve.model_executor.step import GrammarBitmask, ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from pagedserve.sampling_params import SamplingParams
 
 logger = logging.getLogger("pagedserve")
 
 DEFAULT_CPU_KV_CACHE_BYTES = 4 << 30
+PROMPT_LOGPROBS_ROWS = 256  # prompt positions whose logits are made at once: [256, vocab] float32 at most
 
 
 @dataclass
@@ -190,10 +191,11 @@ class ModelRunner:
             self.device,
         )
         hidden = self.model(torch.tensor(input_ids, device=self.device), meta.positions, meta)
+        out = ModelRunnerOutput()
+        self._prompt_logprobs(hidden, req_ids, states, query_lens, out)
 
         # rows whose chunk reaches the request's last token: their logits give the next token
         sampling = [i for i, (s, ctx) in enumerate(zip(states, context_lens)) if ctx == s.num_tokens]
-        out = ModelRunnerOutput()
         if not sampling:
             return out
         last_rows = torch.from_numpy(np.cumsum(query_lens)[sampling] - 1).to(self.device)
@@ -208,6 +210,29 @@ class ModelRunner:
             state.output_token_ids.append(token_id)
             out.sampled_token_ids[req_id] = token_id
         return out
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, req_ids: list[str], states: list[CachedRequestState],
+                         query_lens: list[int], out: ModelRunnerOutput) -> None:
+        """Logprobs of the prompt tokens this step's chunks predict, for the requests that asked: the hidden row at
+        position q gives token q + 1's. Logits are made PROMPT_LOGPROBS_ROWS rows at a time (never the whole
+        prompt x vocabulary); every rank makes them (the vocabulary gather is collective), rank 0 keeps them."""
+        start = 0
+        for req_id, state, query_len in zip(req_ids, states, query_lens):
+            k = state.sampling_params.prompt_logprobs
+            first, end = state.num_computed_tokens, state.num_computed_tokens + query_len
+            start, row = start + query_len, start
+            last = min(end, len(state.prompt_token_ids) - 1)  # positions first..last-1 predict prompt tokens
+            if k is None or first >= last:
+                continue
+            entries: list[TokenLogprobs] = []
+            for q in range(first, last, PROMPT_LOGPROBS_ROWS):
+                q_end = min(q + PROMPT_LOGPROBS_ROWS, last)
+                logits = self.model.compute_logits(hidden[row + q - first : row + q_end - first])
+                if tp_rank() == 0:
+                    targets = torch.tensor(state.prompt_token_ids[q + 1 : q_end + 1], device=self.device)
+                    entries += token_logprobs(logits, targets, k)
+            if tp_rank() == 0:
+                out.prompt_logprobs[req_id] = (first + 1, entries)
 
     def _sample_and_share(self, logits: torch.Tensor, sched: SchedulerOutput, sampled_ids: list[str],
                           rows: list[CachedRequestState], out: ModelRunnerOutput) -> list[int]:
@@ -250,12 +275,8 @@ class ModelRunner:
             ranks = result.sampled_token_ranks.tolist()
             for row, (req_id, state) in enumerate(zip(sampled_ids, rows)):
                 k = state.sampling_params.logprobs
-                if k is None:
-                    continue
-                entry = {ids[row][0]: (logprobs[row][0], ranks[row])}
-                for rank in range(1, k + 1):
-                    entry.setdefault(ids[row][rank], (logprobs[row][rank], rank))
-                out.logprobs[req_id] = entry
+                if k is not None:
+                    out.logprobs[req_id] = logprob_entry(ids[row], logprobs[row], ranks[row], k)
         return token_ids
 
     def _add_grammar_bitmask(

@@ -84,3 +84,6 @@ class SchedulerOutput:
 class ModelRunnerOutput:
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)  # of requests that asked for them
+    # Requests that asked for prompt logprobs and computed part of their prompt: (p, entries), entry i for the
+    # prompt token at position p + i (p >= 1: the first prompt token has none).
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)

@@ -11,7 +11,7 @@ import inspect
 import logging
 import signal
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -28,12 +28,22 @@ import pagedserve
 from pagedserve.frontend.async_llm import AsyncLLM, EngineDeadError, QueueFullError
 from pagedserve.frontend.engine_client import EngineClient
 
-from .protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, SessionCloseRequest, error_body
+from .protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ErrorResponse,
+    SessionCloseRequest,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    error_body,
+)
 from .responses.routes import add_responses_routes
 from .responses.serving_responses import ResponsesServing
 from .serving import ContextLengthError, EngineFault, EventStream, ServingOptions, text_executor
 from .serving_chat import ChatServing
 from .serving_completion import CompletionServing
+from .serving_tokenization import TokenizationServing
 
 logger = logging.getLogger("pagedserve")
 
@@ -157,6 +167,7 @@ def build_app(engine: EngineClient, options: ServingOptions, api_key: str | None
     completion_serving = CompletionServing(engine, options, text_threads)
     chat_serving = ChatServing(engine, options, text_threads)
     responses_serving = ResponsesServing(engine, options, text_threads)
+    tokenization_serving = TokenizationServing(engine, options, text_threads)
     model_name = options.model_name
 
     @asynccontextmanager
@@ -225,6 +236,24 @@ def build_app(engine: EngineClient, options: ServingOptions, api_key: str | None
         return check_model(body.model) or await respond(request, lambda: chat_serving.chat(body))
 
     add_responses_routes(app, responses_serving, respond, error_response, check_model, _GENERATION_RESPONSES)
+
+    async def answer(model: str | None, work: Coroutine[Any, Any, dict]) -> Response:
+        unknown = check_model(model)
+        if unknown is not None:
+            work.close()  # never started
+            return unknown
+        try:
+            return JSONResponse(await work)
+        except ValueError as e:
+            return error_response(400, str(e))
+
+    @app.post("/tokenize", responses={400: _ERRORS[400], 401: _ERRORS[401], 404: _ERRORS[404]})
+    async def tokenize(body: TokenizeCompletionRequest | TokenizeChatRequest) -> Response:
+        return await answer(body.model, tokenization_serving.tokenize(body))
+
+    @app.post("/detokenize", responses={400: _ERRORS[400], 401: _ERRORS[401], 404: _ERRORS[404]})
+    async def detokenize(body: DetokenizeRequest) -> Response:
+        return await answer(body.model, tokenization_serving.detokenize(body))
 
     @app.get("/v1/models", responses={401: _ERRORS[401]})
     async def models() -> dict:

@@ -133,6 +133,10 @@ class SamplingFields(BaseModel):
             return StructuredOutputsParams.from_dict(self.structured_outputs)
         return from_format
 
+    def prompt_logprobs_count(self) -> int | None:
+        """How many alternatives each prompt token's logprobs carry (None: no prompt logprobs)."""
+        return None
+
     def sampling_params(self, max_tokens: int, logprobs: int | None, defaults: dict[str, float | int],
                         structured_outputs: StructuredOutputsParams | None = None) -> SamplingParams:
         """ValueError (-> 400) for values SamplingParams rejects. `defaults` (the checkpoint's generation
@@ -157,6 +161,7 @@ class SamplingFields(BaseModel):
             max_tokens=max_tokens,
             min_tokens=self.min_tokens,
             logprobs=logprobs,
+            prompt_logprobs=self.prompt_logprobs_count(),
             logit_bias=self.logit_bias,  # type: ignore[arg-type]  # decimal-string keys: SamplingParams parses them
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
@@ -176,6 +181,18 @@ class CompletionRequest(SamplingFields):
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: bool = False
     suffix: str | None = None
+    # vLLM's extra: each prompt token's logprob and the top prompt_logprobs alternatives, in the choice
+    prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0 (lm-eval's loglikelihood requests): the prompt alone comes back, scored."""
+        return self.echo and self.max_tokens == 0
+
+    def prompt_logprobs_count(self) -> int | None:
+        """echo with logprobs scores the echoed prompt too (OpenAI's legacy completions)."""
+        counts = [c for c in (self.prompt_logprobs, self.logprobs if self.echo else None) if c is not None]
+        return max(counts) if counts else None
 
     def prompts(self) -> list[dict]:
         """The prompt(s) as engine prompts: one dict per prompt, text or token ids."""
@@ -338,3 +355,30 @@ class ErrorResponse(BaseModel):
 def error_body(message: str, err_type: str = "invalid_request_error", param: str | None = None,
                code: str | int | None = None) -> dict:
     return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
+
+
+class TokenizeCompletionRequest(BaseModel):
+    """POST /tokenize with a prompt (vLLM's)."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(BaseModel):
+    """POST /tokenize with chat messages, rendered as /v1/chat/completions renders them (vLLM's)."""
+
+    model: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    tools: list[ToolDefinition] | None = None
+    chat_template: str | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model: str | None = None
+    tokens: list[TokenId]

@@ -3,10 +3,10 @@
 import functools
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import Any, cast
 
-from pagedserve.outputs import Logprob, RequestOutput
+from pagedserve.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
 
 from .protocol import CompletionRequest
 from .serving import Admitted, EventStream, OpenAIServing, clamp, merge, sse, sse_error
@@ -15,14 +15,13 @@ from .serving import Admitted, EventStream, OpenAIServing, clamp, merge, sse, ss
 class CompletionServing(OpenAIServing):
     async def completions(self, request: CompletionRequest) -> Coroutine[Any, Any, dict] | EventStream:
         """Admit the request; return the coroutine of the whole response, or the SSE stream."""
-        if request.echo and request.logprobs is not None:
-            raise ValueError("echo with logprobs needs prompt logprobs, which are not supported yet")
         if request.suffix:
             raise ValueError("suffix is not supported")
         self.engine.check_admission()  # a full queue or a dead engine: refused before any work on the text
         structured = request.structured_outputs_params()
-        prepared = await self.run_text(self.prepare, request, request.prompts(), request.max_tokens,
-                                       request.logprobs, structured)
+        max_tokens = 1 if request.echo_only else request.max_tokens  # one token is made, and not returned
+        prepared = await self.run_text(self.prepare, request, request.prompts(), max_tokens, request.logprobs,
+                                       structured)
         admitted = self.admit(prepared, f"cmpl-{uuid.uuid4().hex}", request)
         if request.stream:
             return EventStream(self._stream(request, admitted), functools.partial(self.abort, admitted))
@@ -42,14 +41,9 @@ class CompletionServing(OpenAIServing):
             cached += final.metrics.get("num_cached_tokens", 0)
             for out in final.outputs:
                 self.check(out)
-                text = self._prompt_text(final) + out.text if request.echo else out.text
                 completion_tokens += len(out.token_ids)
-                choices.append({
-                    "index": i * request.n + out.index, "text": text,
-                    "logprobs": self._logprobs(out.logprobs, out.token_ids, 0) if out.logprobs else None,
-                    "finish_reason": out.finish_reason, "stop_reason": out.stop_reason,
-                    **self.token_ids(request, final, out),
-                })
+                choices.append({"index": i * request.n + out.index, **self._choice(request, final, out, True),
+                                **self._token_ids(request, final, out)})
         choices.sort(key=lambda c: c["index"])
         return {"id": admitted.request_id, "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name, "choices": choices,
@@ -61,25 +55,23 @@ class CompletionServing(OpenAIServing):
         completion_tokens = 0
         cached: dict[int, int] = {}
         text_offsets: dict[int, int] = {}
+        prompt_logprobs: dict[int, PromptLogprobs | None] = {}
         try:
             async for i, output in merge(admitted.streams):
                 cached[i] = output.metrics.get("num_cached_tokens", 0)
+                # the prompt's logprobs come in its first delta; each of its n samples echoes them first
+                prompt_logprobs[i] = output.prompt_logprobs = output.prompt_logprobs or prompt_logprobs.get(i)
                 choices = []
                 for out in output.outputs:
                     self.check(out)
                     index = i * request.n + out.index
-                    text = out.text
-                    if request.echo and index not in text_offsets:
-                        text = self._prompt_text(output) + text
                     offset = text_offsets.get(index, 0)
-                    text_offsets[index] = offset + len(text)
+                    choice = self._choice(request, output, out, index not in text_offsets, offset)
+                    if request.echo_only and index in text_offsets:  # the prompt went out; the token made is not shown
+                        choice["text"], choice["logprobs"] = "", None
+                    text_offsets[index] = offset + len(choice["text"])
                     completion_tokens += len(out.token_ids)
-                    choices.append({
-                        "index": index, "text": text,
-                        "logprobs": self._logprobs(out.logprobs, out.token_ids, offset) if out.logprobs else None,
-                        "finish_reason": out.finish_reason, "stop_reason": out.stop_reason,
-                        **self.token_ids(request, output, out),
-                    })
+                    choices.append({"index": index, **choice, **self._token_ids(request, output, out)})
                 yield sse({**base, "choices": choices})
             if request.include_usage:
                 yield sse({**base, "choices": [],
@@ -90,19 +82,65 @@ class CompletionServing(OpenAIServing):
             self.abort(admitted)
         yield "data: [DONE]\n\n"
 
+    def _choice(self, request: CompletionRequest, output: RequestOutput, out: CompletionOutput, first: bool,
+                offset: int = 0) -> dict:
+        """A choice's text, logprobs (OpenAI's legacy shape) and finish; with echo, the first one of a prompt
+        starts with the prompt (and its logprobs). echo with max_tokens 0 shows the prompt alone."""
+        text, token_ids = out.text, out.token_ids
+        logprobs: PromptLogprobs | None = list(out.logprobs) if out.logprobs is not None else None
+        echo = request.echo and first
+        if request.echo_only:
+            text, token_ids, logprobs = "", [], [] if logprobs is not None else None
+        if echo:
+            text = self._prompt_text(output) + text
+            token_ids = output.prompt_token_ids + token_ids
+            if logprobs is not None:
+                assert output.prompt_logprobs is not None  # asked for with echo + logprobs
+                logprobs = output.prompt_logprobs + logprobs
+        choice: dict[str, Any] = {"text": text, "logprobs": None, "finish_reason": out.finish_reason,
+                                  "stop_reason": out.stop_reason}
+        if request.logprobs is not None and logprobs is not None:
+            choice["logprobs"] = self._logprobs(logprobs, token_ids, offset, request.logprobs)
+        if request.prompt_logprobs is not None and first:
+            choice["prompt_logprobs"] = [None if entry is None else {
+                str(token_id): {"logprob": clamp(lp.logprob), "rank": lp.rank, "decoded_token": lp.decoded_token}
+                for token_id, lp in entry.items() if lp.rank is None or lp.rank <= request.prompt_logprobs
+                or token_id == output.prompt_token_ids[position]
+            } for position, entry in enumerate(output.prompt_logprobs or [])]
+        return choice
+
+    def _token_ids(self, request: CompletionRequest, output: RequestOutput, out: CompletionOutput) -> dict:
+        ids = self.token_ids(request, output, out)
+        if ids and request.echo_only:  # the token made is not part of the answer
+            ids["token_ids"] = []
+        return ids
+
     def _prompt_text(self, output: RequestOutput) -> str:
         if output.prompt is not None:
             return output.prompt
         return cast(str, self.engine.tokenizer.decode(output.prompt_token_ids))
 
-    @staticmethod
-    def _logprobs(logprobs: list[dict[int, Logprob]], token_ids: list[int], offset: int) -> dict:
-        tokens, token_logprobs, top, offsets = [], [], [], []
+    def _logprobs(self, logprobs: Sequence[dict[int, Logprob] | None], token_ids: list[int], offset: int,
+                  k: int) -> dict:
+        """OpenAI's legacy logprobs: per token its text, logprob, top k alternatives and text offset. A prompt's
+        first token has no logprob (null), as in OpenAI's echo."""
+        tokens: list[str | None] = []
+        token_logprobs: list[float | None] = []
+        top: list[dict | None] = []
+        offsets = []
         for entry, token_id in zip(logprobs, token_ids):
-            chosen = entry[token_id]
-            tokens.append(chosen.decoded_token)
-            token_logprobs.append(clamp(chosen.logprob))
-            top.append({lp.decoded_token: clamp(lp.logprob) for lp in entry.values()})
+            if entry is None:
+                decoded = cast(str, self.engine.tokenizer.decode([token_id]))
+                tokens.append(decoded)
+                token_logprobs.append(None)
+                top.append(None)
+            else:
+                chosen = entry[token_id]
+                decoded = chosen.decoded_token or ""
+                tokens.append(chosen.decoded_token)
+                token_logprobs.append(clamp(chosen.logprob))
+                top.append({lp.decoded_token: clamp(lp.logprob) for t, lp in entry.items()
+                            if t == token_id or lp.rank is None or lp.rank <= k})
             offsets.append(offset)
-            offset += len(chosen.decoded_token or "")
+            offset += len(decoded)
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from pagedserve.outputs import TokenLogprobs
 from pagedserve.sampling_params import SamplingParams
 
 _PAD_TOKEN_ID = -1
@@ -238,6 +239,20 @@ def gather_logprobs(
     token_logprobs = logprobs.gather(-1, token_ids)
     ranks = (logprobs > token_logprobs).sum(dim=-1) + 1
     return torch.cat([token_ids, top_ids], dim=-1), torch.cat([token_logprobs, top_logprobs], dim=-1), ranks
+
+
+def logprob_entry(ids: list[int], logprobs: list[float], rank: int, k: int) -> TokenLogprobs:
+    """One position's TokenLogprobs from a row of gather_logprobs: its token (with its rank), then the top k."""
+    entry = {ids[0]: (logprobs[0], rank)}
+    for top in range(1, k + 1):
+        entry.setdefault(ids[top], (logprobs[top], top))
+    return entry
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> list[TokenLogprobs]:
+    """Each row's logprob of its token in `token_ids` (with its rank) and the row's top k, from raw logits."""
+    ids, logprobs, ranks = gather_logprobs(logits.float().log_softmax(dim=-1), k, token_ids)
+    return [logprob_entry(i, lp, r, k) for i, lp, r in zip(ids.tolist(), logprobs.tolist(), ranks.tolist())]
 
 
 def _pad_rows(rows: list[list[int]], device: torch.device) -> torch.Tensor:
