@@ -309,6 +309,17 @@ class ChatCompletionRequest(SamplingFields):
     chat_template: str | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    # vLLM's extra: each prompt token's logprob and the top prompt_logprobs alternatives, in the response
+    prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+
+    @model_validator(mode="after")
+    def _prompt_logprobs_not_streamed(self) -> "ChatCompletionRequest":
+        if self.prompt_logprobs is not None and self.stream:
+            raise ValueError("prompt_logprobs are not available when stream is true")
+        return self
+
+    def prompt_logprobs_count(self) -> int | None:
+        return self.prompt_logprobs
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from pagedserve.engine.protocol import AddRequest, validate_session
 from pagedserve.frontend.engine_client import EngineClient
-from pagedserve.outputs import CompletionOutput, RequestOutput
+from pagedserve.outputs import CompletionOutput, PromptLogprobs, RequestOutput
 from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
 
 from .protocol import SamplingFields
@@ -96,6 +96,16 @@ def sse_error(e: Exception) -> str:
 
 def clamp(logprob: float) -> float:
     return max(logprob, -9999.0)  # JSON has no -inf
+
+
+def prompt_logprobs_json(prompt_logprobs: PromptLogprobs | None, prompt_token_ids: list[int], k: int) -> list:
+    """vLLM's `prompt_logprobs` field: per prompt token None (the first) or {token id: {logprob, rank,
+    decoded_token}} for the prompt token and the top k."""
+    return [None if entry is None else {
+        str(token_id): {"logprob": clamp(lp.logprob), "rank": lp.rank, "decoded_token": lp.decoded_token}
+        for token_id, lp in entry.items()
+        if token_id == prompt_token_ids[position] or lp.rank is None or lp.rank <= k
+    } for position, entry in enumerate(prompt_logprobs or [])]
 
 
 async def merge(iterators: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:

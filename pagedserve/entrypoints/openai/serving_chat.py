@@ -11,7 +11,7 @@ from pagedserve.outputs import CompletionOutput, Logprob
 
 from .chat_prompt import render_chat_prompt
 from .protocol import ChatCompletionRequest
-from .serving import Admitted, EventStream, OpenAIServing, clamp, sse, sse_error
+from .serving import Admitted, EventStream, OpenAIServing, clamp, prompt_logprobs_json, sse, sse_error
 from .tool_calling import ChoiceTools, ToolPlan, call_json, plan_tools
 
 
@@ -71,10 +71,14 @@ class ChatServing(OpenAIServing):
                 "finish_reason": finish_reason, "stop_reason": out.stop_reason,
             })
         choices.sort(key=lambda c: c["index"])
-        return {"id": admitted.request_id, "object": "chat.completion", "created": int(time.time()),
-                "model": self.model_name, "choices": choices,
-                "usage": self.usage(admitted.prompt_lens, completion_tokens,
-                                    final.metrics.get("num_cached_tokens", 0))}
+        response = {"id": admitted.request_id, "object": "chat.completion", "created": int(time.time()),
+                    "model": self.model_name, "choices": choices,
+                    "usage": self.usage(admitted.prompt_lens, completion_tokens,
+                                        final.metrics.get("num_cached_tokens", 0))}
+        if request.prompt_logprobs is not None:
+            response["prompt_logprobs"] = prompt_logprobs_json(final.prompt_logprobs, final.prompt_token_ids,
+                                                               request.prompt_logprobs)
+        return response
 
     async def _stream(self, request: ChatCompletionRequest, admitted: Admitted, plan: ToolPlan) -> AsyncIterator[str]:
         base = {"id": admitted.request_id, "object": "chat.completion.chunk", "created": int(time.time()),

@@ -9,7 +9,7 @@ from typing import Any, cast
 from pagedserve.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
 
 from .protocol import CompletionRequest
-from .serving import Admitted, EventStream, OpenAIServing, clamp, merge, sse, sse_error
+from .serving import Admitted, EventStream, OpenAIServing, clamp, merge, prompt_logprobs_json, sse, sse_error
 
 
 class CompletionServing(OpenAIServing):
@@ -102,11 +102,8 @@ class CompletionServing(OpenAIServing):
         if request.logprobs is not None and logprobs is not None:
             choice["logprobs"] = self._logprobs(logprobs, token_ids, offset, request.logprobs)
         if request.prompt_logprobs is not None and first:
-            choice["prompt_logprobs"] = [None if entry is None else {
-                str(token_id): {"logprob": clamp(lp.logprob), "rank": lp.rank, "decoded_token": lp.decoded_token}
-                for token_id, lp in entry.items() if lp.rank is None or lp.rank <= request.prompt_logprobs
-                or token_id == output.prompt_token_ids[position]
-            } for position, entry in enumerate(output.prompt_logprobs or [])]
+            choice["prompt_logprobs"] = prompt_logprobs_json(output.prompt_logprobs, output.prompt_token_ids,
+                                                             request.prompt_logprobs)
         return choice
 
     def _token_ids(self, request: CompletionRequest, output: RequestOutput, out: CompletionOutput) -> dict:

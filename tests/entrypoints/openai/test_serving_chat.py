@@ -222,3 +222,24 @@ def test_auto_needs_the_parser_flags(llama_dir):
         assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["tool_calls"]
     finally:
         assert proc.stop() == 0
+
+
+def test_prompt_logprobs_equal_transformers_and_are_not_streamed(server, llama_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    body = {"messages": [{"role": "user", "content": "The quick brown fox"}], "max_tokens": 2,
+            "prompt_logprobs": 2, "return_token_ids": True}
+    resp = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+    assert resp.status_code == 200, resp.text
+    ids = resp.json()["choices"][0]["prompt_token_ids"]
+    prompt_logprobs = resp.json()["prompt_logprobs"]
+    assert len(prompt_logprobs) == len(ids) and prompt_logprobs[0] is None
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        rows = model(torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
+    for position, (entry, token) in enumerate(zip(prompt_logprobs[1:], ids[1:])):
+        assert entry[str(token)]["logprob"] == pytest.approx(rows[position, token].item(), abs=1e-4)
+        assert {e["rank"] for e in entry.values()} >= {1, 2}
+    assert_error(httpx.post(f"{server.url}/v1/chat/completions", json={**body, "stream": True}, timeout=60), 400,
+                 "prompt_logprobs")
