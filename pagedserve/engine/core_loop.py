@@ -37,6 +37,7 @@ from pagedserve.engine_args import EngineArgs
 logger = logging.getLogger("pagedserve")
 
 UTILITY_METHODS = ("reset_prefix_cache", "stats", "close_session")
+START_UP_ERROR_LINGER_MS = 60_000  # how long a failed engine process waits for the front end to take why
 
 
 class EngineLoop:
@@ -112,6 +113,7 @@ def engine_process_main(engine_args: EngineArgs, input_path: str, output_path: s
     outputs = context.socket(zmq.PUSH)
     outputs.connect(output_path)
     encoder = msgspec.msgpack.Encoder()
+    linger_ms = 1000  # let the last outputs reach the front end
     try:
         try:
             core = EngineCore(create_engine_config(engine_args))
@@ -119,6 +121,9 @@ def engine_process_main(engine_args: EngineArgs, input_path: str, output_path: s
             logger.debug("engine start-up failed", exc_info=True)
             error = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
             outputs.send(encoder.encode(EngineReady(error=error)))
+            # A model that fails at once can fail before the front end, still importing, has bound its socket:
+            # wait for it to take the reason rather than exit with it unsaid
+            linger_ms = START_UP_ERROR_LINGER_MS
             return
         outputs.send(encoder.encode(EngineReady(limits=core.limits)))
         decoder = msgspec.msgpack.Decoder(EngineCoreRequest)
@@ -143,5 +148,5 @@ def engine_process_main(engine_args: EngineArgs, input_path: str, output_path: s
         run_engine_loop(core, receive, lambda out: outputs.send(encoder.encode(out)))
     finally:
         inputs.close(linger=0)
-        outputs.close(linger=1000)  # let the last outputs (and EngineReady errors) reach the front end
+        outputs.close(linger=linger_ms)
         context.term()

@@ -49,3 +49,27 @@ def test_front_end_does_not_import_the_model_stack():
                        "pagedserve.engine.engine_core", "pagedserve.engine.scheduler")
         heavy = {m for m in loaded if m.startswith(model_stack)}
         assert not heavy, (module, heavy)
+
+
+def test_a_start_up_error_waits_for_a_front_end_that_binds_late(tmp_path):
+    """A model that fails at once can fail before the front end (still importing) has bound its socket: the engine
+    process keeps the reason until the front end takes it, instead of exiting with it unsaid."""
+    import asyncio
+    import time
+
+    from pagedserve.engine.process import start_engine_process
+    from pagedserve.engine_args import EngineArgs
+    from pagedserve.frontend.core_client import ProcessCoreClient
+
+    engine = start_engine_process(EngineArgs(model=str(tmp_path / "missing")))
+    try:
+        time.sleep(8)  # the engine has failed by now (it used to exit a second later, its reason dropped)
+        assert engine.process.is_alive(), "the engine process exited before anyone took its reason"
+
+        async def bind_late_and_wait() -> None:
+            await ProcessCoreClient(engine).wait_ready(60)
+
+        with pytest.raises(RuntimeError, match="the engine failed to start: .*missing"):
+            asyncio.run(bind_late_and_wait())
+    finally:
+        engine.stop()
