@@ -67,7 +67,11 @@ def test_a_start_up_error_waits_for_a_front_end_that_binds_late(tmp_path):
         assert engine.process.is_alive(), "the engine process exited before anyone took its reason"
 
         async def bind_late_and_wait() -> None:
-            await ProcessCoreClient(engine).wait_ready(60)
+            client = ProcessCoreClient(engine)
+            try:
+                await client.wait_ready(60)
+            finally:
+                await client.shutdown()  # its sockets and context too (a context left to the GC can block it)
 
         with pytest.raises(RuntimeError, match="the engine failed to start: .*missing"):
             asyncio.run(bind_late_and_wait())
