@@ -1,5 +1,7 @@
-"""A real `pagedserve serve` process on a free loopback port, as clients see it, and error-shape checks."""
+"""A real `pagedserve serve` process on a free loopback port, as clients see it, and error-shape checks; the app in
+process, for what needs no socket."""
 
+import contextlib
 import os
 import signal
 import socket
@@ -7,9 +9,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+
+from pagedserve import EngineArgs
+from pagedserve.entrypoints.openai.api_server import build_app
+from pagedserve.entrypoints.openai.serving import ServingOptions
+from pagedserve.frontend.async_llm import AsyncLLM
 
 
 def free_port() -> int:
@@ -80,3 +88,17 @@ def assert_error(resp: httpx.Response, status: int, fragment: str) -> dict:
     assert set(error) == {"message", "type", "param", "code"}
     assert fragment in error["message"], error["message"]
     return error
+
+
+@contextlib.asynccontextmanager
+async def in_process_app(model: str) -> AsyncIterator[tuple[httpx.AsyncClient, AsyncLLM]]:
+    """The OpenAI app over an AsyncLLM with its engine in a thread (tiny sizes, float32), driven at the ASGI level
+    by an httpx client: no socket, no server process."""
+    engine = AsyncLLM(EngineArgs(model=model, dtype="float32", max_model_len=256, num_kv_blocks=64), "thread")
+    await engine.start()
+    try:
+        transport = httpx.ASGITransport(app=build_app(engine, ServingOptions(model_name="m")))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
+            yield client, engine
+    finally:
+        await engine.shutdown()

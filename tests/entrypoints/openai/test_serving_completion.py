@@ -8,12 +8,8 @@ import json
 import httpx
 import pytest
 import torch
+from server_utils import in_process_app
 from transformers import AutoModelForCausalLM
-
-from pagedserve import EngineArgs
-from pagedserve.entrypoints.openai.api_server import build_app
-from pagedserve.entrypoints.openai.serving import ServingOptions
-from pagedserve.frontend.async_llm import AsyncLLM
 
 PROMPT = "The quick brown fox jumps over the lazy dog"
 
@@ -35,23 +31,17 @@ def post_all(llama_dir, bodies: list[dict]) -> list[httpx.Response | list[dict]]
     """Each body to /v1/completions in turn; a streamed one comes back as its list of SSE events."""
 
     async def main():
-        engine = AsyncLLM(EngineArgs(model=llama_dir, dtype="float32", max_model_len=256, num_kv_blocks=64), "thread")
-        await engine.start()
-        try:
-            transport = httpx.ASGITransport(app=build_app(engine, ServingOptions(model_name="m")))
-            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
-                results: list = []
-                for body in bodies:
-                    resp = await client.post("/v1/completions", json={"model": "m", "temperature": 0, **body})
-                    if body.get("stream") and resp.status_code == 200:
-                        lines = [line[6:] for line in resp.text.splitlines() if line.startswith("data: ")]
-                        assert lines[-1] == "[DONE]"
-                        results.append([json.loads(line) for line in lines[:-1]])
-                    else:
-                        results.append(resp)
-                return results
-        finally:
-            await engine.shutdown()
+        async with in_process_app(llama_dir) as (client, _):
+            results: list = []
+            for body in bodies:
+                resp = await client.post("/v1/completions", json={"model": "m", "temperature": 0, **body})
+                if body.get("stream") and resp.status_code == 200:
+                    lines = [line[6:] for line in resp.text.splitlines() if line.startswith("data: ")]
+                    assert lines[-1] == "[DONE]"
+                    results.append([json.loads(line) for line in lines[:-1]])
+                else:
+                    results.append(resp)
+            return results
 
     return asyncio.run(main())
 

@@ -3,23 +3,13 @@
 import asyncio
 
 import httpx
-
-from pagedserve import EngineArgs
-from pagedserve.entrypoints.openai.api_server import build_app
-from pagedserve.entrypoints.openai.serving import ServingOptions
-from pagedserve.frontend.async_llm import AsyncLLM
+from server_utils import in_process_app
 
 
 def post_all(llama_dir, calls: list[tuple[str, dict]]) -> tuple[list[httpx.Response], object]:
     async def main():
-        engine = AsyncLLM(EngineArgs(model=llama_dir, dtype="float32", max_model_len=256, num_kv_blocks=64), "thread")
-        await engine.start()
-        try:
-            transport = httpx.ASGITransport(app=build_app(engine, ServingOptions(model_name="m")))
-            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
-                return [await client.post(path, json=body) for path, body in calls], engine.tokenizer
-        finally:
-            await engine.shutdown()
+        async with in_process_app(llama_dir) as (client, engine):
+            return [await client.post(path, json=body) for path, body in calls], engine.tokenizer
 
     return asyncio.run(main())
 
