@@ -5,15 +5,18 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
 namespace native {
 
-inline float f16(const uint8_t* p) {  // an IEEE half (GGUF's block scales) at p -> float, without F16C
+inline float f16(const uint8_t* p) {  // an IEEE half (GGUF's block scales) at p -> float
   uint16_t h;
   std::memcpy(&h, p, 2);
+#ifdef __F16C__
+  return _cvtsh_ss(h);
+#endif
   const uint32_t sign = uint32_t(h >> 15) << 31, exp = (h >> 10) & 0x1f, mant = h & 0x3ff;
   uint32_t bits;
   if (exp == 0x1f) {

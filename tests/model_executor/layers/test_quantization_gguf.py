@@ -97,6 +97,13 @@ def test_amx_is_built_here() -> None:
     assert gguf_q4_q8.kernel(64, torch.bfloat16, "portable") == "dequantize"
 
 
+def test_the_portable_gemv_takes_up_to_its_measured_rows() -> None:
+    rows = gguf_q4_q8.MAX_PORTABLE_GEMV_ROWS
+    assert gguf_q4_q8.kernel(rows, torch.float32, "portable") == "gemv"
+    assert gguf_q4_q8.kernel(rows + 1, torch.float32, "portable") == "dequantize"
+    assert gguf_q4_q8.kernel(gguf_q4_q8.MAX_GEMV_ROWS + 1, torch.float32, "vnni") == "dequantize"
+
+
 def test_forced_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PAGEDSERVE_GGUF_KERNEL", "portable")
     assert gguf_q4_q8.default_path() == "portable"

@@ -3,7 +3,8 @@
 Each family is one native library with the same C ABI under its own symbol prefix (`has_vnni`, `has_amx`,
 `gemv_{f32,bf16}`, `gemm_bf16`, `dequant_{f32,bf16}`) and the same choice of kernel per call (`kernel`): bf16
 activations of `min_amx_rows` to `max_amx_rows` rows, on a CPU with AMX, go to the tile kernel; otherwise up to
-MAX_GEMV_ROWS rows run the VNNI GEMV on the blocks (or a plain C++ loop without VNNI); more rows dequantize the
+MAX_GEMV_ROWS rows run the VNNI GEMV on the blocks (without VNNI, the portable GEMV: up to the family's
+`max_portable_gemv_rows`); more rows dequantize the
 whole weight in one native pass and call torch's matmul. On a GPU, or without a compiler, the weight is
 dequantized per call with torch ops. `PAGEDSERVE_GGUF_KERNEL` forces a path: `vnni`, `portable` or `torch`.
 """
@@ -36,6 +37,9 @@ class Family:
     formats: Mapping[int, int]  # ggml type -> the C++ format id
     min_amx_rows: int
     max_amx_rows: int
+    # Rows the portable GEMV takes before dequantize + matmul wins: measured per family on the machine its kernel
+    # was tuned on (an AVX2 EPYC for Q4/Q8's, whose AVX2 GEMV beats dequantizing up to ~32 rows).
+    max_portable_gemv_rows: int = MAX_GEMV_ROWS
 
     @functools.cache  # noqa: B019 (see the class docstring)
     def load(self) -> ctypes.CDLL | None:
@@ -76,7 +80,8 @@ class Family:
         if path == "vnni" and dtype == torch.bfloat16 and self.min_amx_rows <= m <= self.max_amx_rows \
                 and self.has_amx():
             return "amx"
-        return "gemv" if m <= MAX_GEMV_ROWS else "dequantize"
+        limit = self.max_portable_gemv_rows if path == "portable" else MAX_GEMV_ROWS
+        return "gemv" if m <= limit else "dequantize"
 
     def dequantize(self, blocks: torch.Tensor, ggml_type: int, n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
         """The [n, k] weight in `dtype` (native on the CPU, torch ops elsewhere)."""

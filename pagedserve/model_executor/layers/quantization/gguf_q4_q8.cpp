@@ -10,7 +10,8 @@
 // the dot products run on AVX512-VNNI (vpdpbusd: unsigned x signed bytes, four products per int32 lane; 128 * q1 .
 // w + q2 . w fits int32), and are scaled into float accumulators by d_w * d_x / 128; the block sums Q4_1 needs
 // are exact float sums. Threads split the output rows; each weight block is unpacked once for all M activation
-// rows. Without VNNI (or `portable`), a plain loop dequantizes a block to float and dots it.
+// rows. Without VNNI (or `portable`), a block is dequantized to float and dotted: in AVX2 + FMA vectors where the
+// build targets them (8 float lanes per activation row, summed at the end), else a plain loop.
 // gemm (bf16 x, batches; CPUs with AMX): out^T = W x^T on AMX tiles, without the whole bf16 weight ever existing.
 // W is the A operand: a strip of 32 weight rows is dequantized to bf16 one block (32 k) at a time, and a block of
 // 16 rows is one A tile (16 rows x 64 bytes) as it lies, no reordering. x is the B operand, packed once per call
@@ -56,6 +57,42 @@ inline void dequant_block(const uint8_t* b, float* w) {
   }
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+// AVX2 (CPUs without AVX-512, and the portable path's build on them): a block as four vectors of 8 floats, the same
+// values as dequant_block (d q + m, one rounding).
+template <Format F>
+inline void dequant_block8(const uint8_t* b, __m256 w[4]) {
+  const __m256 d = _mm256_set1_ps(f16(b));
+  if constexpr (F == Q8_0) {
+    for (int v = 0; v < 4; ++v) {
+      const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 2 + 8 * v));
+      w[v] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
+    }
+  } else {
+    const __m256 m = _mm256_set1_ps(F == Q4_1 ? f16(b + 2) : -8.f * f16(b));
+    const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (F == Q4_1 ? 4 : 2)));
+    const __m128i mask = _mm_set1_epi8(0x0f);
+    const __m128i lo = _mm_and_si128(q, mask), hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+    w[0] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), m);
+    w[1] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), m);
+    w[2] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), m);
+    w[3] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), m);
+  }
+}
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {  // 8 bfloat16 -> 8 float32
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+inline float sum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
 template <Format F, typename T>
 void dequant(const uint8_t* blocks, T* out, int64_t n, int64_t k) {
   const int64_t nb = k / 32;
@@ -79,6 +116,12 @@ void dequant(const uint8_t* blocks, T* out, int64_t n, int64_t k) {
         native::store16(o, _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_and_si512(q, mask)), m));
         native::store16(o + 16, _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), m));
       }
+#elif defined(__AVX2__) && defined(__FMA__)
+      __m256 w8[4];
+      dequant_block8<F>(block, w8);
+      alignas(32) float w[32];
+      for (int v = 0; v < 4; ++v) _mm256_store_ps(w + 8 * v, w8[v]);
+      for (int j = 0; j < 32; ++j) store(o + j, w[j]);
 #else
       float w[32];
       dequant_block<F>(block, w);
@@ -94,6 +137,22 @@ void gemv_portable(const T* x, const uint8_t* blocks, T* out, int64_t m, int64_t
 #pragma omp parallel for if (n * k > 65536)
   for (int64_t r = 0; r < n; ++r) {
     const uint8_t* row = blocks + r * nb * kBlockBytes[F];
+#if defined(__AVX2__) && defined(__FMA__)
+    for (int64_t i0 = 0; i0 < m; i0 += 8) {  // eight float lanes of each activation row's sum, added at the end
+      const int64_t rows = m - i0 < 8 ? m - i0 : 8;
+      __m256 acc[8];
+      for (int64_t i = 0; i < rows; ++i) acc[i] = _mm256_setzero_ps();
+      for (int64_t b = 0; b < nb; ++b) {
+        __m256 w[4];
+        dequant_block8<F>(row + b * kBlockBytes[F], w);
+        for (int64_t i = 0; i < rows; ++i) {
+          const T* xb = x + (i0 + i) * k + b * 32;
+          for (int v = 0; v < 4; ++v) acc[i] = _mm256_fmadd_ps(w[v], load8(xb + 8 * v), acc[i]);
+        }
+      }
+      for (int64_t i = 0; i < rows; ++i) store(out + (i0 + i) * n + r, sum8(acc[i]));
+    }
+#else
     float w[32];
     float acc[8] = {};
     for (int64_t i0 = 0; i0 < m; i0 += 8) {
@@ -110,6 +169,7 @@ void gemv_portable(const T* x, const uint8_t* blocks, T* out, int64_t m, int64_t
       }
       for (int64_t i = 0; i < rows; ++i) store(out + (i0 + i) * n + r, acc[i]);
     }
+#endif
   }
 }
 
