@@ -12,6 +12,7 @@ from pagedserve.distributed.parallel_state import check_kv_heads
 from pagedserve.engine_args import SCHEDULING_POLICIES, EngineArgs
 from pagedserve.gguf_file import load_gguf_config
 from pagedserve.model_files import DEFAULT_MODEL_FILE, resolve_model
+from pagedserve.speculative_config import SpeculativeConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -45,6 +46,7 @@ class EngineConfig:
     # Every id that ends a turn: the union of config.json's and generation_config.json's eos_token_id, the
     # config's first id first (as vLLM and transformers' generate stop on any of them).
     eos_token_ids: tuple[int, ...] = ()
+    speculative_config: SpeculativeConfig | None = None  # drafts verified in one step (engine/spec_decode/)
 
 
 def cpu_supports_bf16() -> bool:
@@ -134,6 +136,7 @@ def create_engine_config(args: EngineArgs) -> EngineConfig:
         tensor_parallel_size=tp,
         distributed_executor_backend=executor_backend,
         eos_token_ids=eos_token_ids(hf_config, None if gguf_path else model_path),
+        speculative_config=SpeculativeConfig.from_dict(args.speculative_config),
     )
 
 

@@ -33,6 +33,8 @@ class EngineArgs:
     async_scheduling: bool = False  # schedule step N+1 while step N's forward runs (vLLM's --async-scheduling)
     tensor_parallel_size: int = 1  # ranks the model is split across
     distributed_executor_backend: str | None = None  # the ranks > 0 as "mp" processes (default) or "ray" actors
+    # Model-free drafts, vLLM's dict: {"method": "ngram" | "suffix", "num_speculative_tokens": k, ...}
+    speculative_config: dict | None = None
 
     @classmethod
     def field_names(cls) -> set[str]:

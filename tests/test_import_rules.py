@@ -20,8 +20,8 @@ def test_the_step_contract_and_the_scheduler_import_no_torch():
 # Floors, lowest first: a module may import its own floor and those below, never one above. `pagedserve/__init__`
 # (lazy public names) and `pagedserve/benchmarks` (a client that talks HTTP) are not floors of the engine.
 FLOORS = [
-    {"sampling_params", "outputs", "model_files", "engine_args", "checkpoint_quantization", "local_ray", "native",
-     "distributed", "gguf_file"},
+    {"sampling_params", "outputs", "model_files", "engine_args", "speculative_config", "checkpoint_quantization",
+     "local_ray", "native", "distributed", "gguf_file"},
     {"config", "tokenizer"},
     {"model_executor"},
     {"executor"},

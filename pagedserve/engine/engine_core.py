@@ -42,6 +42,7 @@ from pagedserve.engine.protocol import (
 from pagedserve.engine.request import Request, RequestStatus
 from pagedserve.engine.scheduler import Scheduler, make_policy
 from pagedserve.engine.sessions import session_key
+from pagedserve.engine.spec_decode.drafter import Drafter
 from pagedserve.engine.structured_output.manager import StructuredOutputManager
 from pagedserve.executor import make_executor
 from pagedserve.executor.base import Executor, WorkerFailed
@@ -84,6 +85,7 @@ class EngineCore:
         self.requests: dict[str, list[Request]] = {}  # the caller's id -> its unfinished samples
         self.eos_token_ids = config.eos_token_ids
         self.structured_output = StructuredOutputManager(config, self.eos_token_ids)
+        self.drafter = Drafter(config.speculative_config) if config.speculative_config else None
         # With async scheduling the forward runs here, and the core keeps one step in flight behind it.
         self.worker = ThreadPoolExecutor(1, "engine-step") if config.async_scheduling else None
         self.in_flight: deque[LaunchedStep] = deque()
@@ -143,6 +145,9 @@ class EngineCore:
 
     def step(self) -> list[EngineCoreOutput]:
         outputs = self._admit_compiled()
+        if self.drafter is not None and self.drafter.active(len(self.scheduler.running)):
+            outputs += self._drain()  # a draft follows the request's latest token: it must be known
+            self.drafter.propose(self.scheduler.running, set(self.structured_output.matchers))
         sched = self.scheduler.schedule()
         if not sched.num_scheduled_tokens:
             if self.in_flight:
@@ -152,7 +157,7 @@ class EngineCore:
             return outputs
         requests = {req_id: self.scheduler.requests[req_id] for req_id in sched.num_scheduled_tokens}
         step = LaunchedStep(sched, requests, [requests[req_id] for req_id in sched.sampling_req_ids])
-        alone = self.worker is None or any(
+        alone = self.worker is None or bool(sched.spec_token_ids) or any(
             r.pending_forks or r.request_id in self.structured_output.matchers for r in step.sampling)
         if alone:
             outputs += self._drain()
@@ -268,24 +273,37 @@ class EngineCore:
                 self.sessions.add_service(session_key(request.session_id, request.cache_salt), num_new)
             if req_id in result.prompt_logprobs:
                 self._add_prompt_logprobs(request, *result.prompt_logprobs[req_id])
-            token_id = result.sampled_token_ids.get(req_id)
-            if token_id is None:  # a prefill chunk that does not reach the end yet
+            token_ids = result.sampled_token_ids.get(req_id)
+            if token_ids is None:  # a prefill chunk that does not reach the end yet
                 continue
             request.num_output_placeholders -= 1
+            draft = step.sched.spec_token_ids.get(req_id)
+            if draft:  # the rejected drafted tokens were counted as computed: take them back, and their blocks
+                num_accepted = len(token_ids) - 1
+                request.num_computed_tokens -= len(draft) - num_accepted
+                self.kv_cache_manager.trim(request)
+                assert self.drafter is not None
+                self.drafter.record(request, len(draft), num_accepted)
             if request.pending_forks:  # its prompt is computed: its other samples start from its blocks
                 self.scheduler.fork(request)
-            request.output_token_ids.append(token_id)
-            status = self._check_stop(request, token_id)
+            status, new_token_ids = None, []
+            for token_id in token_ids:  # up to a stop: the tokens after it are dropped
+                request.output_token_ids.append(token_id)
+                new_token_ids.append(token_id)
+                status = self._check_stop(request, token_id)
+                if status is not None:
+                    break
             matcher = self.structured_output.matchers.get(req_id)
-            if matcher is not None:
-                if not matcher.accept_tokens([token_id]):  # the mask allowed only what the grammar takes
-                    outputs += self._fail(request, f"structured_outputs: the grammar rejected token {token_id}")
+            if matcher is not None:  # a constrained request samples one token at a time (it gets no drafts)
+                if not matcher.accept_tokens(new_token_ids):  # the mask allowed only what the grammar takes
+                    outputs += self._fail(request, f"structured_outputs: the grammar rejected token {token_ids[0]}")
                     continue
                 if matcher.is_terminated():  # it accepted the stop token where the grammar ends
                     status = RequestStatus.FINISHED_STOPPED
             logprobs = result.logprobs.get(req_id)
             output = EngineCoreOutput(
-                request.client_request_id, [token_id], [logprobs] if logprobs is not None else None,
+                request.client_request_id, new_token_ids,
+                logprobs[: len(new_token_ids)] if logprobs is not None else None,
                 num_cached_tokens=request.num_cached_tokens, index=request.index,
             )
             if request.sampling_params.prompt_logprobs is not None and not request.prompt_logprobs_sent \
@@ -320,6 +338,8 @@ class EngineCore:
     def _finish(self, request: Request, status: RequestStatus) -> None:
         self.scheduler.finish(request, status)
         self.structured_output.remove(request.request_id)
+        if self.drafter is not None:
+            self.drafter.finish(request)
         samples = self.requests.get(request.client_request_id)
         if samples is not None and request in samples:
             samples.remove(request)
@@ -372,6 +392,7 @@ class EngineCore:
             lease_hit_tokens=self.sessions.lease_hit_tokens,
             leases_evicted=self.sessions.leases_evicted,
             lease_expiries=self.sessions.lease_expiries,
+            **(self.drafter.stats.as_engine_stats() if self.drafter is not None else {}),
         )
 
 

@@ -145,6 +145,15 @@ class KVCacheManager:
         copies, self.block_copies = self.block_copies, []
         return copies
 
+    def trim(self, request: Request) -> None:
+        """Free the blocks past the request's computed tokens: slots a rejected draft was given. They were never
+        hashed (a block is hashed once its tokens are known), so they go back to the pool as free."""
+        blocks = self.req_blocks.get(request.request_id, [])
+        keep = self.num_blocks_needed(request.num_computed_tokens)
+        if len(blocks) > keep:
+            self.pool.free(list(reversed(blocks[keep:])))
+            del blocks[keep:]
+
     def free(self, request: Request) -> None:
         """Drop the request's blocks (e.g. preempted); it keeps its hashes, to find them again as hits."""
         blocks = self.req_blocks.pop(request.request_id, [])

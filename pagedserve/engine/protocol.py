@@ -162,6 +162,11 @@ class EngineStats(msgspec.Struct):
     lease_hit_tokens: int = 0  # prompt tokens found in a session's lease: not recomputed thanks to it
     leases_evicted: int = 0  # leases cut short under memory pressure
     lease_expiries: int = 0  # leases whose TTL ran out
+    # speculative decoding: drafts verified, tokens drafted, of them accepted, and accepted at each draft position
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_position: list[int] = []
 
     @property
     def kv_cache_usage(self) -> float:

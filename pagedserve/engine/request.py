@@ -54,6 +54,9 @@ class Request:
     # Sampled tokens scheduled but not received by the engine core yet: with async scheduling, the token of the
     # step still running is already the input of the step scheduled behind it.
     num_output_placeholders: int = 0
+    # Speculative decoding: the tokens drafted to follow it this step (the engine core's drafter sets them before
+    # scheduling); the step computes them after its last token and keeps those the model agrees with.
+    spec_token_ids: list[int] = field(default_factory=list)
     # Prefix-cache hits found when the request was (last) admitted, in tokens.
     num_cached_tokens: int = 0
     stop_reason: int | str | None = None

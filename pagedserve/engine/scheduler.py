@@ -130,7 +130,12 @@ class Scheduler:
             if request.num_output_tokens + request.num_output_placeholders >= request.max_output_tokens:
                 continue  # its last token is being sampled in a step still running (async scheduling)
             num_new = min(request.num_tokens + request.num_output_placeholders - request.num_computed_tokens, budget)
-            while not self.kv.allocate_slots(request, num_new):
+            if request.spec_token_ids:  # a draft rides along if there is budget and room for it
+                del request.spec_token_ids[budget - 1:]
+                if not self.kv.allocate_slots(request, 1 + len(request.spec_token_ids)):
+                    request.spec_token_ids = []
+                num_new += len(request.spec_token_ids)
+            while not request.spec_token_ids and not self.kv.allocate_slots(request, num_new):
                 victim = self.running[-1]  # the worst by the policy (see FCFSPolicy)
                 self._preempt(victim)
                 preempted = True
@@ -177,7 +182,8 @@ class Scheduler:
 
     def _add_to_output(self, out: SchedulerOutput, request: Request, num_new: int) -> None:
         """Schedule `num_new` tokens of the request, and count them as computed from now on: a step that reaches
-        its end samples a token the engine core gets later (a placeholder until then)."""
+        its end samples a token the engine core gets later (a placeholder until then). A draft's tokens are
+        scheduled after the last one; the engine core takes back those the model rejects (see EngineCore._update)."""
         req_id = request.request_id
         out.num_scheduled_tokens[req_id] = num_new
         start = self.kv.take_table_change(req_id)
@@ -193,7 +199,10 @@ class Scheduler:
                 req_id, request.num_computed_tokens, start if start is not None else 0, new_block_ids,
             ))
         request.num_computed_tokens += num_new
-        if request.num_computed_tokens == request.num_tokens + request.num_output_placeholders:
+        num_drafted = len(request.spec_token_ids)
+        if num_drafted:
+            out.spec_token_ids[req_id] = list(request.spec_token_ids)
+        if request.num_computed_tokens == request.num_tokens + request.num_output_placeholders + num_drafted:
             request.num_output_placeholders += 1
             out.sampling_req_ids.append(req_id)
 
@@ -241,6 +250,7 @@ class Scheduler:
         self.kv.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
         self.num_preemptions += 1
         self.waiting.appendleft(request)
         if request.request_id in self._held_by_runner:

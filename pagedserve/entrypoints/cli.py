@@ -49,6 +49,10 @@ _HELP = {
                             "gloo on CPU, NCCL on GPUs (one per rank)",
     "distributed_executor_backend": "how the ranks > 0 run: mp (processes, the default) or ray (Ray actors on "
                                     "this node)",
+    "speculative_config": 'JSON, vLLM\'s: \'{"method": "ngram", "num_speculative_tokens": 4}\' (prompt lookup: '
+                          'prompt_lookup_min / _max, default 5) or \'{"method": "suffix"}\' (suffix trees over the '
+                          'request and past outputs: suffix_decoding_max_tree_depth, ..._max_cached_requests, '
+                          '..._max_spec_factor, ..._min_token_prob)',
     "generation_config": "default sampling settings of requests: 'auto' (the model's generation_config.json), "
                          "'vllm' (none), or a directory holding a generation_config.json",
 }

@@ -55,6 +55,13 @@ class PrometheusMetrics:
         self.lease_hit_tokens = counter("pagedserve:lease_hit_tokens", "Prompt tokens not recomputed thanks to a lease")
         self.leases_evicted = counter("pagedserve:leases_evicted", "Leases cut short under memory pressure")
         self.lease_expiries = counter("pagedserve:lease_expiries", "Leases whose TTL ran out")
+        self.spec_drafts = counter("vllm:spec_decode_num_drafts", "Speculative drafts verified")
+        self.spec_draft_tokens = counter("vllm:spec_decode_num_draft_tokens", "Speculative tokens drafted")
+        self.spec_accepted_tokens = counter("vllm:spec_decode_num_accepted_tokens", "Drafted tokens accepted")
+        self.spec_accepted_per_position = Counter(
+            "vllm:spec_decode_num_accepted_tokens_per_pos", "Drafted tokens accepted at each draft position",
+            ["model_name", "position"], registry=r,
+        )
         self.model_name = model_name
         self._last_stats = EngineStats()
 
@@ -73,8 +80,14 @@ class PrometheusMetrics:
             (self.lease_hit_tokens, stats.lease_hit_tokens, last.lease_hit_tokens),
             (self.leases_evicted, stats.leases_evicted, last.leases_evicted),
             (self.lease_expiries, stats.lease_expiries, last.lease_expiries),
+            (self.spec_drafts, stats.spec_num_drafts, last.spec_num_drafts),
+            (self.spec_draft_tokens, stats.spec_num_draft_tokens, last.spec_num_draft_tokens),
+            (self.spec_accepted_tokens, stats.spec_num_accepted_tokens, last.spec_num_accepted_tokens),
         ):
             counter.inc(max(0, now - before))
+        for position, accepted in enumerate(stats.spec_accepted_per_position):
+            before = last.spec_accepted_per_position[position] if position < len(last.spec_accepted_per_position) else 0
+            self.spec_accepted_per_position.labels(self.model_name, str(position)).inc(max(0, accepted - before))
         self._last_stats = stats
 
     def engine_restarted(self) -> None:
@@ -122,14 +135,20 @@ class LoggingStatLogger:
         if self.num_prompt_tokens or self.num_generation_tokens or stats.num_requests_running:
             queries = stats.prefix_cache_queries - last.prefix_cache_queries
             hits = stats.prefix_cache_hits - last.prefix_cache_hits
-            leases = (f", Session leases: {stats.num_session_leases} ({stats.num_blocks_leased} blocks)"
-                      if stats.num_session_leases else "")
+            extra = (f", Session leases: {stats.num_session_leases} ({stats.num_blocks_leased} blocks)"
+                     if stats.num_session_leases else "")
+            drafts = stats.spec_num_drafts - last.spec_num_drafts
+            if drafts > 0:  # as vLLM's: accepted / drafted tokens, and tokens per verified draft (with the sampled one)
+                accepted = stats.spec_num_accepted_tokens - last.spec_num_accepted_tokens
+                drafted = stats.spec_num_draft_tokens - last.spec_num_draft_tokens
+                extra += (f", Draft acceptance rate: {100 * accepted / drafted:.1f}%, "
+                          f"Mean acceptance length: {1 + accepted / drafts:.2f}")
             logger.info(
                 "Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, Running: %d reqs, "
                 "Waiting: %d reqs, KV cache usage: %.1f%%, Prefix cache hit rate: %.1f%%%s",
                 self.num_prompt_tokens / elapsed, self.num_generation_tokens / elapsed,
                 stats.num_requests_running, stats.num_requests_waiting, 100 * stats.kv_cache_usage,
-                100 * hits / queries if queries > 0 else 0.0, leases,
+                100 * hits / queries if queries > 0 else 0.0, extra,
             )
         self._logged_stats = stats
         self.last_time = now

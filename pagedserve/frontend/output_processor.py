@@ -187,6 +187,19 @@ class OutputProcessor:
     def _apply(self, state: RequestState, sample: SampleState, core_out: EngineCoreOutput, now: float) -> bool:
         """Fold one core output into its sample; True when a stop string ended it (abort it in the core)."""
         new_token_ids = core_out.new_token_ids
+        text_token_ids = new_token_ids
+        if core_out.finish_reason == "stop" and not state.params.include_stop_str_in_output:
+            text_token_ids = new_token_ids[:-1]  # EOS / a stop token id is not part of the text (as vLLM)
+        if len(text_token_ids) > 1 and sample.detokenizer.stops:
+            # Several tokens in one step (an accepted draft): the output ends at the token that completes a stop
+            # string, as it would have without the draft.
+            for count, token_id in enumerate(text_token_ids, 1):
+                sample.detokenizer.add_tokens([token_id])
+                if sample.detokenizer.stop_string is not None:
+                    new_token_ids = new_token_ids[:count]
+                    break
+        else:
+            sample.detokenizer.add_tokens(text_token_ids)
         if new_token_ids:
             if state.first_token_time is None:
                 state.first_token_time = now
@@ -197,13 +210,10 @@ class OutputProcessor:
         if core_out.prompt_logprobs is not None and state.prompt_logprobs is None:
             state.prompt_logprobs = [None, *map(self._decoded, core_out.prompt_logprobs)]
         if core_out.new_logprobs is not None and sample.logprobs is not None:
-            sample.logprobs += map(self._decoded, core_out.new_logprobs)
-            sampled = sum(entry[t][0] for entry, t in zip(core_out.new_logprobs, new_token_ids))
+            new_logprobs = core_out.new_logprobs[: len(new_token_ids)]
+            sample.logprobs += map(self._decoded, new_logprobs)
+            sampled = sum(entry[t][0] for entry, t in zip(new_logprobs, new_token_ids))
             sample.cumulative_logprob = (sample.cumulative_logprob or 0.0) + sampled
-        text_token_ids = new_token_ids
-        if core_out.finish_reason == "stop" and not state.params.include_stop_str_in_output:
-            text_token_ids = new_token_ids[:-1]  # EOS / a stop token id is not part of the text (as vLLM)
-        sample.detokenizer.add_tokens(text_token_ids)
         if core_out.finished:
             sample.detokenizer.flush()
         if sample.detokenizer.stop_string is not None:

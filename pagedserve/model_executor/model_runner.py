@@ -181,9 +181,10 @@ class ModelRunner:
         states = [self.requests[req_id] for req_id in req_ids]
         query_lens = [sched.num_scheduled_tokens[req_id] for req_id in req_ids]
         context_lens = [s.num_computed_tokens + n for s, n in zip(states, query_lens)]
+        drafts = [sched.spec_token_ids.get(req_id, []) for req_id in req_ids]
         input_ids: list[int] = []
-        for state, ctx in zip(states, context_lens):
-            input_ids += state.token_ids(state.num_computed_tokens, ctx)
+        for state, ctx, draft in zip(states, context_lens, drafts):
+            input_ids += state.token_ids(state.num_computed_tokens, ctx - len(draft)) + draft
         table_rows = np.fromiter((s.row for s in states), dtype=np.int64, count=len(states))
         block_tables = self.block_table[table_rows, : -(-max(context_lens) // self.block_size)]
         meta = AttentionMetadata.build(
@@ -194,21 +195,32 @@ class ModelRunner:
         out = ModelRunnerOutput()
         self._prompt_logprobs(hidden, req_ids, states, query_lens, out)
 
-        # rows whose chunk reaches the request's last token: their logits give the next token
-        sampling = [i for i, (s, ctx) in enumerate(zip(states, context_lens)) if ctx == s.num_tokens]
+        # Requests whose chunk reaches their last token: its logits give the next token. With a draft, so do the
+        # logits at each drafted token, given the drafts before it: one row per position, each sampled as if
+        # the drafts before it had been sampled; a draft stands while it is what its row sampled.
+        sampling = [i for i, (state, ctx, draft) in enumerate(zip(states, context_lens, drafts))
+                    if ctx - len(draft) == state.num_tokens]
         if not sampling:
             return out
-        last_rows = torch.from_numpy(np.cumsum(query_lens)[sampling] - 1).to(self.device)
-        logits = self.model.compute_logits(hidden[last_rows])  # on rank 0 only, under tensor parallelism
+        ends = np.cumsum(query_lens)
+        logits_rows = np.concatenate([np.arange(ends[i] - 1 - len(drafts[i]), ends[i]) for i in sampling])
+        logits = self.model.compute_logits(hidden[torch.from_numpy(logits_rows).to(self.device)])  # rank 0's
         sampled_ids = [req_ids[i] for i in sampling]
         rows = [states[i] for i in sampling]
+        sample_drafts = [drafts[i] for i in sampling]
         if tp_rank() > 0:
-            token_ids = self._receive_sampled(len(rows))
+            row_token_ids = self._receive_sampled(len(logits_rows))
         else:
-            token_ids = self._sample_and_share(logits, sched, sampled_ids, rows, out)
-        for req_id, state, token_id in zip(sampled_ids, rows, token_ids):
-            state.output_token_ids.append(token_id)
-            out.sampled_token_ids[req_id] = token_id
+            generator_states = self._seeded_generator_states(sampled_ids, rows, sample_drafts)
+            row_token_ids = self._sample_and_share(logits, sched, sampled_ids, rows, sample_drafts, out)
+        first_row = 0
+        for req_id, state, draft in zip(sampled_ids, rows, sample_drafts):
+            token_ids = accepted_tokens(row_token_ids[first_row : first_row + len(draft) + 1], draft)
+            first_row += len(draft) + 1
+            state.output_token_ids += token_ids
+            out.sampled_token_ids[req_id] = token_ids
+            if tp_rank() == 0 and req_id in generator_states:
+                self._rewind_generator(req_id, generator_states[req_id], len(token_ids), logits.shape[-1])
         return out
 
     def _prompt_logprobs(self, hidden: torch.Tensor, req_ids: list[str], states: list[CachedRequestState],
@@ -235,13 +247,13 @@ class ModelRunner:
                 out.prompt_logprobs[req_id] = (first + 1, entries)
 
     def _sample_and_share(self, logits: torch.Tensor, sched: SchedulerOutput, sampled_ids: list[str],
-                          rows: list[CachedRequestState], out: ModelRunnerOutput) -> list[int]:
+                          rows: list[CachedRequestState], drafts: list[list[int]], out: ModelRunnerOutput) -> list[int]:
         """Sample (rank 0); under tensor parallelism, send the ids to the other ranks, or -1s if sampling failed."""
         try:
-            token_ids = self._sample(logits, sched, sampled_ids, rows, out)
+            token_ids = self._sample(logits, sched, sampled_ids, rows, drafts, out)
         except Exception:
             if tp_size() > 1:
-                broadcast_sampled(torch.full((len(rows),), -1, dtype=torch.int64, device=self.device))
+                broadcast_sampled(torch.full((logits.shape[0],), -1, dtype=torch.int64, device=self.device))
             raise
         if tp_size() > 1:
             broadcast_sampled(torch.tensor(token_ids, dtype=torch.int64, device=self.device))
@@ -255,35 +267,58 @@ class ModelRunner:
         return token_ids
 
     def _sample(self, logits: torch.Tensor, sched: SchedulerOutput, sampled_ids: list[str],
-                rows: list[CachedRequestState], out: ModelRunnerOutput) -> list[int]:
-        """The sampled ids of `rows`, and their logprobs into `out`."""
+                rows: list[CachedRequestState], drafts: list[list[int]], out: ModelRunnerOutput) -> list[int]:
+        """The sampled id of each logits row (a request's, then one per drafted token), and their logprobs into
+        `out`. A drafted position samples as if the drafts before it were the request's output (penalties see them;
+        a seeded request's generator draws for its positions in order)."""
+        row_ids, params, prompts, outputs, generators = [], [], [], [], []
+        for req_id, state, draft in zip(sampled_ids, rows, drafts):
+            generator = self._generator(req_id, state.sampling_params.seed)
+            for position in range(len(draft) + 1):
+                row_ids.append(req_id)
+                params.append(state.sampling_params)
+                prompts.append(state.prompt_token_ids)
+                outputs.append(state.output_token_ids + draft[:position] if position else state.output_token_ids)
+                generators.append(generator)
         metadata = SamplingMetadata.from_rows(
-            [s.sampling_params for s in rows],
-            [s.prompt_token_ids for s in rows],
-            [s.output_token_ids for s in rows],
-            [self._generator(req_id, s.sampling_params.seed) for req_id, s in zip(sampled_ids, rows)],
-            [sched.banned_token_ids.get(req_id, []) for req_id in sampled_ids],
+            params, prompts, outputs, generators, [sched.banned_token_ids.get(req_id, []) for req_id in row_ids],
             self.device,
         )
         if sched.grammar_bitmask is not None:
-            self._add_grammar_bitmask(metadata, sched.grammar_bitmask, sampled_ids)
+            self._add_grammar_bitmask(metadata, sched.grammar_bitmask, row_ids)
         result = self.sampler(logits, metadata)
         token_ids = result.sampled_token_ids.tolist()
         if result.logprobs is not None:
             assert result.logprob_token_ids is not None and result.sampled_token_ranks is not None
             ids, logprobs = result.logprob_token_ids.tolist(), result.logprobs.tolist()
             ranks = result.sampled_token_ranks.tolist()
-            for row, (req_id, state) in enumerate(zip(sampled_ids, rows)):
-                k = state.sampling_params.logprobs
+            for row, (req_id, row_params) in enumerate(zip(row_ids, params)):
+                k = row_params.logprobs
                 if k is not None:
-                    out.logprobs[req_id] = logprob_entry(ids[row], logprobs[row], ranks[row], k)
+                    out.logprobs.setdefault(req_id, []).append(logprob_entry(ids[row], logprobs[row], ranks[row], k))
         return token_ids
+
+    def _seeded_generator_states(self, sampled_ids: list[str], rows: list[CachedRequestState],
+                                 drafts: list[list[int]]) -> dict[str, torch.Tensor]:
+        """The generator state, before sampling, of each seeded random request with a draft (see _rewind_generator)."""
+        return {req_id: self._generator(req_id, state.sampling_params.seed).get_state()  # type: ignore[union-attr]
+                for req_id, state, draft in zip(sampled_ids, rows, drafts)
+                if draft and state.sampling_params.seed is not None and not state.sampling_params.is_greedy}
+
+    def _rewind_generator(self, req_id: str, state: torch.Tensor, num_tokens: int, vocab_size: int) -> None:
+        """Leave a seeded request's generator as if it had sampled its `num_tokens` new tokens one step at a time
+        (one [vocab] draw each), not also the rejected positions: its output is then the same with drafts as without."""
+        generator = self.generators[req_id]
+        generator.set_state(state)
+        for _ in range(num_tokens):
+            torch.empty(vocab_size, device=self.device).uniform_(generator=generator)
 
     def _add_grammar_bitmask(
         self, metadata: SamplingMetadata, grammar: GrammarBitmask, sampled_ids: list[str]
     ) -> None:
-        """The bitmask rows of the constrained requests among this batch's sampling rows; waits for the engine
-        core's fill (it ran during the forward)."""
+        """The bitmask rows of the constrained requests among this batch's sampling rows (`sampled_ids`: each row's
+        request; a constrained request has one row, it gets no drafts); waits for the engine core's fill (it ran
+        during the forward)."""
         rows = [row for row, req_id in enumerate(sampled_ids) if req_id in grammar.rows]
         if rows:
             bitmask = grammar.tensor()[[grammar.rows[sampled_ids[row]] for row in rows]]
@@ -298,3 +333,14 @@ class ModelRunner:
             gen = torch.Generator(device=self.device).manual_seed(seed)
             self.generators[req_id] = gen
         return gen
+
+
+def accepted_tokens(row_token_ids: list[int], draft: list[int]) -> list[int]:
+    """A request's new tokens from what its rows sampled: the drafted tokens up to the first its row did not
+    sample, then that row's token. Each row sampled from the target's distribution given the tokens before it, so
+    the output is distributed as the target's alone (for a draft of one fixed token x this is speculative sampling:
+    x stands with probability p(x); otherwise the row's token is drawn from p without x)."""
+    num_accepted = 0
+    while num_accepted < len(draft) and row_token_ids[num_accepted] == draft[num_accepted]:
+        num_accepted += 1
+    return draft[:num_accepted] + [row_token_ids[num_accepted]]

@@ -68,6 +68,9 @@ class SchedulerOutput:
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
     # The scheduled requests whose chunk reaches their last token: they sample one (a placeholder until it is back).
     sampling_req_ids: list[str] = field(default_factory=list)
+    # Speculative decoding: tokens drafted to follow a sampling request's last token, computed after it in its
+    # chunk (counted in num_scheduled_tokens); the runner samples at each and keeps the drafts it agrees with.
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
     # Requests the runner must forget: finished (with their sampling state) or preempted (they come back new).
     finished_req_ids: set[str] = field(default_factory=set)
     preempted_req_ids: set[str] = field(default_factory=set)
@@ -82,8 +85,10 @@ class SchedulerOutput:
 
 @dataclass
 class ModelRunnerOutput:
-    sampled_token_ids: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)  # of requests that asked for them
+    # Each sampling request's new tokens: one, or with a draft, the accepted drafted tokens and the one sampled
+    # after them.
+    sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # of each new token, if asked for
     # Requests that asked for prompt logprobs and computed part of their prompt: (p, entries), entry i for the
     # prompt token at position p + i (p >= 1: the first prompt token has none).
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)

@@ -122,6 +122,18 @@ def test_tp2_under_chunked_prefill_prefix_hits_preemption_and_n(odd_vocab_llama,
     assert cache[1] == cache_one[1] // 2  # each rank holds half the KV heads of every block
 
 
+def test_tp2_with_speculative_drafts_equals_tp1_without(odd_vocab_llama):
+    """Every rank verifies the drafts from rank 0's sampled ids of every drafted position, and accepts the same."""
+    params = [SamplingParams(max_tokens=20, temperature=0, logprobs=2), SamplingParams(max_tokens=20, temperature=0.9,
+                                                                                       seed=4)]
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+    one, _, _ = run(odd_vocab_llama, PROMPTS, params * 4, num_kv_blocks=64)
+    two, stats, _ = run(odd_vocab_llama, PROMPTS, params * 4, num_kv_blocks=64, tensor_parallel_size=2,
+                        speculative_config=spec)
+    assert_same(one, two)
+    assert stats.spec_num_drafts > 0 and stats.num_kv_blocks_free == stats.num_kv_blocks_total
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_tp4_shares_each_of_two_kv_heads_between_two_ranks(checkpoints, arch):
     """4 query heads, 2 key/value heads, 4 ranks: each rank holds one query head and the key/value head it uses."""
