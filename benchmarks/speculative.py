@@ -29,8 +29,8 @@ from pagedserve import LLM, SamplingParams
 
 METHODS: dict[str, dict | None] = {
     "none": None,
-    "ngram": {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2},
-    "suffix": {"method": "suffix", "num_speculative_tokens": 8},
+    "ngram": {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4, "prompt_lookup_min": 2},
+    "suffix": {"method": "suffix"},  # vLLM's defaults: drafts of up to 24 tokens, sized by their probability
 }
 RECORD = {"id": 4312, "name": "Acme Corporation", "email": "billing@acme.example", "plan": "enterprise",
           "seats": 250, "renewal": "2027-03-01", "owner": {"name": "Jane Doe", "phone": "+1-555-0100"}}
