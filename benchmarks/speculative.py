@@ -6,15 +6,19 @@ an agent trace whose answers restate their context and on random prompts where d
 Offline, through `LLM.chat` / `LLM.generate` on the default model (SmolLM2-135M-Instruct, its Q4_1 GGUF kept
 quantized), greedy, so every method generates the same tokens (checked: the table says whether the outputs were
 identical) and tok/s compares time per token. The agent trace is made from real text (this repository's README and
-Python's own `json` module source) and JSON records: turns that re-emit a record with one field changed, call a tool
-with arguments taken from its result, rewrite a function with a rename, quote a paragraph; plus open-ended chat turns.
-At 1 request at once each turn runs alone, one after another; at N > 1, N turns (the trace cycled) run at once.
+architecture notes, functions of Python's standard library) and JSON records: turns that re-emit a record with one
+field changed, call a tool with arguments taken from its result, rewrite a function with a rename, quote a
+paragraph; plus open-ended chat turns.
+At 1 request at once, six turns (one of each kind) run alone, one after another; at N > 1, N turns run at once. No
+turn is asked twice in a run, and no random prompt either: the suffix method's cache of past outputs would find its
+own answers again.
 Methods run interleaved (none, ngram, suffix, then again) in one process; each round and the median.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import json
 import os
@@ -32,56 +36,96 @@ METHODS: dict[str, dict | None] = {
     "ngram": {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4, "prompt_lookup_min": 2},
     "suffix": {"method": "suffix"},  # vLLM's defaults: drafts of up to 24 tokens, sized by their probability
 }
-RECORD = {"id": 4312, "name": "Acme Corporation", "email": "billing@acme.example", "plan": "enterprise",
-          "seats": 250, "renewal": "2027-03-01", "owner": {"name": "Jane Doe", "phone": "+1-555-0100"}}
-WEATHER = {"location": {"city": "Lisbon", "country": "PT", "lat": 38.7223, "lon": -9.1393},
-           "forecast": [{"date": "2026-12-08", "high_c": 17, "low_c": 11, "summary": "light rain"},
-                        {"date": "2026-12-09", "high_c": 16, "low_c": 10, "summary": "cloudy"}]}
+CITIES = [("Lisbon", "PT", 38.7223, -9.1393), ("Oslo", "NO", 59.9139, 10.7522), ("Osaka", "JP", 34.6937, 135.5023),
+          ("Quito", "EC", -0.1807, -78.4678), ("Perth", "AU", -31.9523, 115.8613), ("Tunis", "TN", 36.8065, 10.1815)]
+NAMES = ["Acme Corporation", "Globex Ltd", "Initech", "Umbrella Health", "Stark Logistics", "Wayne Foods"]
+# Modules whose public functions (their source, 300-1,200 characters) are the code the rename turns rewrite.
+SOURCE_MODULES = ["json", "textwrap", "shlex", "statistics", "fnmatch", "glob", "csv", "base64", "heapq", "bisect",
+                  "string", "html", "difflib", "calendar", "ipaddress", "urllib.parse", "email.utils", "posixpath",
+                  "random", "functools", "copy", "pprint", "fractions", "decimal"]
+CHAT_TOPICS = ["a lighthouse keeper who finds a message in a bottle", "a robot that learns to paint",
+               "a city where it never stops raining", "two rival bakers in a small town",
+               "an astronaut who hears music in space", "a library that rearranges itself at night"]
 
 
-def readme_paragraph() -> str:
-    with open(os.path.join(REPO, "README.md")) as f:
-        paragraphs = [p for p in f.read().split("\n\n") if len(p) > 300 and not p.startswith(("```", "|", "#"))]
-    return paragraphs[0][:900]
+def paragraphs() -> list[str]:
+    """Paragraphs of this repository's README and architecture notes: real text to quote."""
+    found = []
+    for name in ("README.md", os.path.join("docs", "architecture.md")):
+        with open(os.path.join(REPO, name)) as f:
+            found += [p[:900] for p in f.read().split("\n\n") if len(p) > 300 and not p.startswith(("```", "|", "#"))]
+    return found
 
 
-def agent_trace() -> list[tuple[str, list[dict]]]:
-    """(kind, messages) of each turn."""
-    source = inspect.getsource(json.dumps)[:1200]
-    copy_turns = [
-        ("JSON record, one field changed", "Here is a customer record:\n" + json.dumps(RECORD, indent=2)
-         + "\nReturn the record exactly as JSON, with seats changed to 300."),
-        ("tool call from a tool result", "The weather tool returned:\n" + json.dumps(WEATHER, indent=2)
-         + '\nCall the tool `book_umbrella` with the JSON arguments {"city": ..., "lat": ..., "lon": ...} taken from '
-           "this result. Answer with the JSON arguments only."),
-        ("function rewritten with a rename", "Rewrite this Python function, renaming the parameter `obj` to "
-         "`value` everywhere, and change nothing else:\n\n" + source),
-        ("quoted summary", "Quote the following paragraph word for word, then add one sentence that sums it up:\n\n"
-         + readme_paragraph()),
-    ]
-    chat_turns = [
-        ("open-ended chat", "Write a short story about a lighthouse keeper who finds a message in a bottle."),
-        ("open-ended chat", "What are three good habits for learning a new programming language? Explain each."),
-    ]
-    return [(kind, [{"role": "user", "content": text}]) for kind, text in copy_turns + chat_turns]
+def function_sources() -> list[str]:
+    sources = []
+    for module_name in SOURCE_MODULES:
+        module = importlib.import_module(module_name)
+        for name, value in sorted(vars(module).items()):
+            if inspect.isfunction(value) and value.__module__ == module.__name__ and not name.startswith("_"):
+                try:
+                    source = inspect.getsource(value)
+                except OSError:  # defined where its source is not at hand
+                    continue
+                if 300 <= len(source) <= 1200:
+                    sources.append(source)
+    return sources
 
 
-def run_trace(llm: LLM, trace: list[tuple[str, list[dict]]], at_once: int, max_tokens: int) -> tuple[float, list]:
-    """(output tok/s, the outputs' token ids)."""
+class AgentTrace:
+    """Turn i of the trace (i = 0, 1, ...): each kind in turn, each turn with its own text, so no two turns of a
+    run ask the same (the suffix method's cache of past outputs would otherwise find its own answers)."""
+
+    KINDS = ("JSON record, one field changed", "tool call from a tool result", "function rewritten with a rename",
+             "quoted summary", "open-ended chat", "open-ended chat")
+
+    def __init__(self) -> None:
+        self.paragraphs = paragraphs()
+        self.sources = function_sources()
+
+    def turn(self, i: int) -> list[dict]:
+        kind, n = self.KINDS[i % len(self.KINDS)], i // len(self.KINDS)
+        if kind.startswith("JSON"):
+            record = {"id": 4312 + n, "name": NAMES[n % len(NAMES)], "email": f"billing{n}@example.com",
+                      "plan": ["starter", "team", "enterprise"][n % 3], "seats": 20 + 7 * n,
+                      "renewal": f"2027-{1 + n % 12:02d}-01",
+                      "owner": {"name": "Jane Doe", "phone": f"+1-555-01{n:02d}"}}
+            text = (f"Here is a customer record:\n{json.dumps(record, indent=2)}\nReturn the record exactly as JSON, "
+                    f"with seats changed to {record['seats'] + 50}.")
+        elif kind.startswith("tool"):
+            city, country, lat, lon = CITIES[n % len(CITIES)]
+            result = {"location": {"city": city, "country": country, "lat": lat, "lon": lon},
+                      "forecast": [{"date": f"2026-12-{8 + d:02d}", "high_c": 15 + (n + d) % 9, "low_c": 8 + d,
+                                    "summary": ["light rain", "cloudy", "sunny"][(n + d) % 3]} for d in range(2)]}
+            text = (f"The weather tool returned:\n{json.dumps(result, indent=2)}\nCall the tool `book_umbrella` with "
+                    'the JSON arguments {"city": ..., "lat": ..., "lon": ...} taken from this result. Answer with the '
+                    "JSON arguments only.")
+        elif kind.startswith("function"):
+            text = ("Rewrite this Python function, renaming its first parameter to `value` everywhere, and change "
+                    f"nothing else:\n\n{self.sources[n % len(self.sources)]}")
+        elif kind.startswith("quoted"):
+            text = ("Quote the following paragraph word for word, then add one sentence that sums it up:\n\n"
+                    + self.paragraphs[n % len(self.paragraphs)])
+        else:
+            text = f"Write a short story about {CHAT_TOPICS[(2 * n + i) % len(CHAT_TOPICS)]}."
+        return [{"role": "user", "content": text}]
+
+
+def run_trace(llm: LLM, turns: list[list[dict]], at_once: int, max_tokens: int) -> tuple[float, list]:
+    """(output tok/s, the outputs' token ids): one turn at a time, or all of them at once."""
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
     start = time.perf_counter()
     if at_once == 1:
-        outputs = [llm.chat(messages, params, use_tqdm=False)[0] for _, messages in trace]
+        outputs = [llm.chat(messages, params, use_tqdm=False)[0] for messages in turns]
     else:
-        turns = [trace[i % len(trace)][1] for i in range(at_once)]
         outputs = llm.chat(turns, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
     token_ids = [list(o.outputs[0].token_ids) for o in outputs]
     return sum(map(len, token_ids)) / elapsed, token_ids
 
 
-def run_random(llm: LLM, at_once: int, prompt_len: int, max_tokens: int) -> tuple[float, list]:
-    rng = random.Random(at_once)
+def run_random(llm: LLM, at_once: int, prompt_len: int, max_tokens: int, seed: int) -> tuple[float, list]:
+    rng = random.Random(seed)
     prompts = [{"prompt_token_ids": [rng.randrange(100, 40000) for _ in range(prompt_len)]} for _ in range(at_once)]
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     start = time.perf_counter()
@@ -100,30 +144,34 @@ def main() -> None:
     max_tokens = 16 if args.quick else 128
     random_tokens = 8 if args.quick else 32
     rounds = 1 if args.quick else 2
-    trace = agent_trace()[: 2 if args.quick else None]
+    trace = AgentTrace()
+    sequential_turns = 2 if args.quick else 6  # at 1 at once: one of each kind, one after another
     machine = machine_description()
     started = time.monotonic()
 
     engines = {name: LLM(speculative_config=spec, kv_cache_memory_bytes=1 << 30) for name, spec in METHODS.items()}
     for llm in engines.values():  # warm up
-        run_trace(llm, trace[:1], 1, 8)
+        run_random(llm, 2, 16, 4, seed=-1)
 
     workloads = [("agent trace", n) for n in trace_levels] + [("random prompts", n) for n in random_levels]
     tok_s: dict[tuple[str, int, str], list[float]] = {}
     same: dict[tuple[str, int, str], bool] = {}
     acceptance: dict[tuple[str, int, str], tuple[float, float]] = {}
     loads: list[list[object]] = []
+    next_turn = 0  # every engine gets the same turns; none gets a turn twice
     for workload, n in workloads:
         for r in range(rounds):
+            turns = [trace.turn(next_turn + i) for i in range(sequential_turns if n == 1 else n)]
+            next_turn += len(turns)
             wait_for_quiet(600)
             meter = OtherLoadMeter().start()
             reference = None
             for name, llm in engines.items():
                 before = llm.stats()
                 if workload == "agent trace":
-                    speed, token_ids = run_trace(llm, trace, n, max_tokens)
+                    speed, token_ids = run_trace(llm, turns, n, max_tokens)
                 else:
-                    speed, token_ids = run_random(llm, n, 128, random_tokens)
+                    speed, token_ids = run_random(llm, n, 128, random_tokens, seed=1000 * n + r)
                 after = llm.stats()
                 key = (workload, n, name)
                 tok_s.setdefault(key, []).append(speed)
@@ -170,8 +218,9 @@ def main() -> None:
         "## Speculative decoding: n-gram and suffix drafts", "",
         *section_intro("speculative.py", args.quick, minutes, __doc__.split("\n\n")[2], machine),
         f"Settings: {settings}; adaptive defaults (drafting pauses for a request whose drafts miss, and for a step of "
-        f"more than 64 requests). Agent trace: {len(trace)} turns ({', '.join(sorted({k for k, _ in trace}))}), "
-        f"at most {max_tokens} output tokens each. Random prompts: 128 random token ids, {random_tokens} output "
+        f"more than 64 requests). Agent trace: turns of each kind in turn ({', '.join(dict.fromkeys(AgentTrace.KINDS))}"
+        f"), {sequential_turns} one after another at 1 at once, at most {max_tokens} output tokens each. "
+        f"Random prompts: 128 random token ids, {random_tokens} output "
         "tokens (ignore_eos). Acceptance: drafted tokens accepted; accepted length: tokens per verifying step.", "",
         markdown_table(["workload", "at once", "method", "tok/s per round", "median tok/s", "vs none", "acceptance",
                         "accepted length", "same tokens"], rows), "",

@@ -147,7 +147,11 @@ class EngineCore:
         outputs = self._admit_compiled()
         if self.drafter is not None and self.drafter.active(len(self.scheduler.running)):
             outputs += self._drain()  # a draft follows the request's latest token: it must be known
-            self.drafter.propose(self.scheduler.running, set(self.structured_output.matchers))
+            self.drafter.propose(self.scheduler.running)
+            for request in self.scheduler.running:  # a constrained request's draft stops where its grammar does
+                if request.spec_token_ids and request.request_id in self.structured_output.matchers:
+                    request.spec_token_ids = self.structured_output.valid_draft(request.request_id,
+                                                                                request.spec_token_ids)
         sched = self.scheduler.schedule()
         if not sched.num_scheduled_tokens:
             if self.in_flight:
@@ -172,7 +176,8 @@ class EngineCore:
         step.sched.banned_token_ids = self._banned_token_ids(sampling)
         # Filled on a thread while the forward runs (the forward releases the GIL); the runner waits for it
         # before sampling.
-        step.sched.grammar_bitmask = self.structured_output.start_bitmask([r.request_id for r in sampling])
+        step.sched.grammar_bitmask = self.structured_output.start_bitmask([r.request_id for r in sampling],
+                                                                          step.sched.spec_token_ids)
         if self.worker is None:
             step.outcome.set_result(self._run(step))
         else:
@@ -294,7 +299,7 @@ class EngineCore:
                 if status is not None:
                     break
             matcher = self.structured_output.matchers.get(req_id)
-            if matcher is not None:  # a constrained request samples one token at a time (it gets no drafts)
+            if matcher is not None:
                 if not matcher.accept_tokens(new_token_ids):  # the mask allowed only what the grammar takes
                     outputs += self._fail(request, f"structured_outputs: the grammar rejected token {token_ids[0]}")
                     continue

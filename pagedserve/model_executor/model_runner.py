@@ -189,7 +189,7 @@ class ModelRunner:
         block_tables = self.block_table[table_rows, : -(-max(context_lens) // self.block_size)]
         meta = AttentionMetadata.build(
             query_lens, context_lens, [len(s.prompt_token_ids) for s in states], block_tables, self.block_size,
-            self.device,
+            self.device, [bool(draft) for draft in drafts] if sched.spec_token_ids else None,
         )
         hidden = self.model(torch.tensor(input_ids, device=self.device), meta.positions, meta)
         out = ModelRunnerOutput()
@@ -317,11 +317,16 @@ class ModelRunner:
         self, metadata: SamplingMetadata, grammar: GrammarBitmask, sampled_ids: list[str]
     ) -> None:
         """The bitmask rows of the constrained requests among this batch's sampling rows (`sampled_ids`: each row's
-        request; a constrained request has one row, it gets no drafts); waits for the engine core's fill (it ran
-        during the forward)."""
-        rows = [row for row, req_id in enumerate(sampled_ids) if req_id in grammar.rows]
+        request; a request with a draft has one row per position, and so has its bitmask); waits for the engine
+        core's fill (it ran during the forward)."""
+        rows, bitmask_rows, position = [], [], 0
+        for row, req_id in enumerate(sampled_ids):
+            position = position + 1 if row and sampled_ids[row - 1] == req_id else 0
+            if req_id in grammar.rows:
+                rows.append(row)
+                bitmask_rows.append(grammar.rows[req_id] + position)
         if rows:
-            bitmask = grammar.tensor()[[grammar.rows[sampled_ids[row]] for row in rows]]
+            bitmask = grammar.tensor()[bitmask_rows]
             metadata.grammar_bitmask = bitmask.to(self.device, non_blocking=True)
             metadata.grammar_rows = rows
 

@@ -180,10 +180,36 @@ def test_no_drafts_in_a_step_of_more_requests_than_disable_by_batch_size(llama_d
     assert engine.drafter.stats.num_drafts == 0  # type: ignore[union-attr]
 
 
-def test_a_constrained_request_runs_beside_drafted_ones(llama_dir):
-    choice = SamplingParams(temperature=0, max_tokens=10, structured_outputs=StructuredOutputsParams(
-        choice=["yes", "no"]))
-    requests = [(random_prompt(9, seed=i), SamplingParams(temperature=0, max_tokens=20)) for i in range(2)]
-    requests.append(([5, 6, 7], choice))
-    drafted, engine = assert_same_with_oracle(llama_dir, requests)
-    assert engine.drafter.stats.num_accepted_tokens > 0  # type: ignore[union-attr]
+def test_constrained_requests_draft_within_their_grammar(llama_dir):
+    """The grammar checks each drafted token (a draft stops where the grammar would refuse it) and masks each
+    drafted position after the drafts before it: outputs are the same, drafts are accepted."""
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "n": {"type": "integer"}},
+              "required": ["name", "n"]}
+    constrained = [
+        SamplingParams(temperature=0, max_tokens=40, structured_outputs=StructuredOutputsParams(json=schema)),
+        SamplingParams(temperature=0.9, seed=3, max_tokens=40, structured_outputs=StructuredOutputsParams(
+            regex=r"(ab|cd){3,12}")),
+        SamplingParams(temperature=0, max_tokens=10, structured_outputs=StructuredOutputsParams(choice=["yes", "no"])),
+    ]
+    requests = [(random_prompt(9, seed=i), params) for i, params in enumerate(constrained)]
+    requests.append((random_prompt(9, seed=7), SamplingParams(temperature=0, max_tokens=20)))
+    for wrong_at in ((), (2,)):
+        _, engine = assert_same_with_oracle(llama_dir, requests, wrong_at=wrong_at)
+        assert engine.drafter.stats.num_accepted_tokens > 0  # type: ignore[union-attr]
+
+
+def test_a_draft_the_grammar_refuses_is_cut_before_it_is_verified(llama_dir):
+    engine = make_engine(llama_dir, speculative_config=NGRAM)
+    params = SamplingParams(temperature=0, max_tokens=20, structured_outputs=StructuredOutputsParams(
+        regex=r"(ab)+"))
+    engine.add_request(AddRequest("r", [5, 6, 7], params))
+    while not engine.structured_output.matchers:  # compiled; no token sampled yet
+        engine.structured_output.wait_for_compile(timeout=1.0)
+        engine._admit_compiled()
+    tokenizer = engine.structured_output._tokenizer
+    assert tokenizer is not None
+    ab, cd = tokenizer.encode("ababab", add_special_tokens=False), tokenizer.encode("cd", add_special_tokens=False)
+    assert engine.structured_output.valid_draft("r#0", ab + cd) == ab
+    assert engine.structured_output.valid_draft("r#0", cd + ab) == []
+    assert engine.structured_output.valid_draft("r#0", ab) == ab  # the matcher was left where it was
+    run_all(engine)

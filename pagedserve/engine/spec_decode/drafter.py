@@ -60,13 +60,13 @@ class Drafter:
         limit = self.config.disable_by_batch_size
         return 0 < num_running and (limit is None or num_running <= limit)
 
-    def propose(self, running: list[Request], excluded: set[str]) -> None:
+    def propose(self, running: list[Request]) -> None:
         """Set `spec_token_ids` of each running request that decodes next (its tokens all known, one to
-        compute); `excluded`: requests that may not draft (grammar-constrained ones)."""
+        compute)."""
         drafting = self.active(len(running))
         for request in running:
             request.spec_token_ids = []
-            if not drafting or request.request_id in excluded or request.num_output_placeholders \
+            if not drafting or request.num_output_placeholders \
                     or request.num_computed_tokens != request.num_tokens - 1:
                 continue
             track = self._track(request)

@@ -101,17 +101,39 @@ class StructuredOutputManager:
         self.matchers.pop(request_id, None)
         self.compiling.pop(request_id, None)
 
-    def start_bitmask(self, req_ids: list[str]) -> GrammarBitmask | None:
-        """Start filling the bitmask of the constrained requests among `req_ids` (the rows that sample this step);
-        None if there are none."""
+    def valid_draft(self, request_id: str, draft: list[int]) -> list[int]:
+        """The longest start of a speculative draft the request's grammar takes (the rest could never be accepted:
+        the mask forbids it), short of a stop token that ends the grammar (no position after it could be masked).
+        The matcher is left where it was."""
+        matcher = self.matchers[request_id]
+        num_accepted = num_valid = 0
+        for token_id in draft:
+            if not matcher.accept_tokens([token_id]):
+                break
+            num_accepted += 1
+            if matcher.is_terminated():
+                break
+            num_valid += 1
+        if num_accepted:
+            matcher.rollback(num_accepted)
+        return draft[:num_valid]
+
+    def start_bitmask(self, req_ids: list[str], drafts: dict[str, list[int]]) -> GrammarBitmask | None:
+        """Start filling the bitmask of the constrained requests among `req_ids` (those that sample this step);
+        None if there are none. A request with a draft gets a row per position: the tokens allowed after the
+        drafts before it."""
         matchers = {req_id: self.matchers[req_id] for req_id in req_ids if req_id in self.matchers}
         if not matchers:
             return None
-        if self._bitmask is None:
-            self._bitmask = torch.empty(self.config.max_num_seqs, math.ceil(self.vocab_size / 32), dtype=torch.int32)
-        bitmask = self._bitmask[: len(matchers)]
-        filled = self._fill_pool.submit(_fill, list(matchers.values()), bitmask)
-        return GrammarBitmask({req_id: row for row, req_id in enumerate(matchers)}, filled)
+        rows, num_rows = {}, 0
+        for req_id in matchers:
+            rows[req_id], num_rows = num_rows, num_rows + 1 + len(drafts.get(req_id, ()))
+        if self._bitmask is None or len(self._bitmask) < num_rows:
+            width = math.ceil(self.vocab_size / 32)
+            self._bitmask = torch.empty(max(self.config.max_num_seqs, num_rows), width, dtype=torch.int32)
+        bitmask = self._bitmask[:num_rows]
+        work = [(matcher, drafts.get(req_id, [])) for req_id, matcher in matchers.items()]
+        return GrammarBitmask(rows, self._fill_pool.submit(_fill, work, bitmask))
 
     def _compile(self, params: StructuredOutputsParams, backend_name: str) -> tuple[GrammarBackend, Any]:
         backend = self._backend(backend_name)
@@ -133,7 +155,17 @@ class StructuredOutputManager:
             return self._backends[name]
 
 
-def _fill(matchers: list[GrammarMatcher], bitmask: torch.Tensor) -> torch.Tensor:
-    for row, matcher in enumerate(matchers):
+def _fill(work: list[tuple[GrammarMatcher, list[int]]], bitmask: torch.Tensor) -> torch.Tensor:
+    """Each matcher's rows: where it is, then after each token of its draft (valid: see valid_draft), which it
+    then forgets again."""
+    row = 0
+    for matcher, draft in work:
         matcher.fill_bitmask(bitmask, row)
+        for token_id in draft:
+            matcher.accept_tokens([token_id])
+            row += 1
+            matcher.fill_bitmask(bitmask, row)
+        if draft:
+            matcher.rollback(len(draft))
+        row += 1
     return bitmask

@@ -3,7 +3,9 @@
 The batch is flat: tokens of all requests back to back. K/V of new tokens are written into the paged
 cache through `slot_mapping`; attention reads each request's context back through its block table.
 Decode rows (one query token) are done together in one batched call over their gathered blocks; each
-prefill chunk is its own call (with no cached context it uses its fresh K/V directly, causally).
+prefill chunk is its own call (with no cached context it uses its fresh K/V directly, causally). A request that
+verifies a speculative draft (its last token and k drafted ones) is k + 1 decode rows, each attending to the
+context up to itself: its K/V are in the cache before attention reads it, so the causal mask is the context length.
 
 A layer may have a sliding window W (a query at position p sees keys at p - W < k <= p, as transformers'
 masks) and tanh soft-capping of its scores (Gemma 2). With a window, only the blocks it covers are read.
@@ -57,9 +59,11 @@ class AttentionMetadata:
         block_tables: np.ndarray | Sequence[Sequence[int]],
         block_size: int,
         device: torch.device | str,
+        verifying: Sequence[bool] | None = None,
     ) -> "AttentionMetadata":
         """From per-request query lengths, context lengths (computed + new), prompt lengths and block tables
         (the model runner's persistent rows, [R, width] with at least each request's blocks; lists are padded).
+        `verifying[i]`: request i's query tokens are a draft to verify (decode rows, one per token).
 
         The index arithmetic is NumPy: a step's metadata is a few dozen small operations, and a NumPy one costs
         about a microsecond where a torch one costs several."""
@@ -74,10 +78,16 @@ class AttentionMetadata:
         slot_mapping = tables[req_of_row, positions // block_size] * block_size + positions % block_size
 
         is_decode = q_lens == 1
+        if verifying is not None:
+            is_decode |= np.asarray(verifying, dtype=bool)
         decode_reqs = np.flatnonzero(is_decode)
-        decode_ctx = ctx_lens[decode_reqs]
+        rows_per_req = q_lens[decode_reqs]
+        row_req = np.repeat(decode_reqs, rows_per_req)
+        offset = np.arange(len(row_req)) - np.repeat(np.cumsum(rows_per_req) - rows_per_req, rows_per_req)
+        decode_rows = starts[row_req] + offset
+        decode_ctx = ctx_lens[row_req] - q_lens[row_req] + offset + 1
         max_decode_ctx = int(decode_ctx.max()) if len(decode_reqs) else 0
-        decode_tables = tables[decode_reqs, : -(-max_decode_ctx // block_size)]
+        decode_tables = tables[row_req, : -(-max_decode_ctx // block_size)]
         slots = np.arange(decode_tables.shape[1] * block_size)
         decode_mask = (slots[None, :] < decode_ctx[:, None])[None, :, None, :]
 
@@ -98,7 +108,7 @@ class AttentionMetadata:
             positions=tensor(positions),
             prompt_lens=tensor(np.asarray(prompt_lens, dtype=np.int64)[req_of_row]),
             slot_mapping=tensor(slot_mapping),
-            decode_rows=tensor(starts[decode_reqs]),
+            decode_rows=tensor(decode_rows),
             decode_block_tables=tensor(decode_tables),
             decode_mask=tensor(decode_mask),
             decode_context_lens=tensor(decode_ctx),
