@@ -30,7 +30,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/serving.py --output BENCHMARKS.md
 	$(PY) benchmarks/multi_turn.py --output BENCHMARKS.md
 	$(PY) benchmarks/structured_output.py --output BENCHMARKS.md
-	$(PY) benchmarks/speculative.py --output BENCHMARKS.md
+	$(PY) benchmarks/speculative.py --vllm --output BENCHMARKS.md   # vLLM's ngram too (installs it once)
 	$(PY) benchmarks/agent_sessions.py --output BENCHMARKS.md   # vLLM too: installs it under .peers/ once
 	$(PY) benchmarks/step_profile.py --output BENCHMARKS.md
 	$(PY) benchmarks/routing.py --output BENCHMARKS.md       # two replicas on Ray Serve, one router at a time
