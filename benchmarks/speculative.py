@@ -314,8 +314,9 @@ def main() -> None:
     body = "\n".join([
         "## Speculative decoding: n-gram and suffix drafts", "",
         *section_intro("speculative.py", args.quick, minutes, __doc__.split("\n\n")[2], machine),
-        f"Settings: {settings}; adaptive defaults (drafting pauses for a request whose drafts miss, and for a step of "
-        f"more than 64 requests). Copy-heavy turns: each kind in turn ({', '.join(AgentTrace.COPY_KINDS)}); chat "
+        f"Settings: {settings}; adaptive defaults (a request's drafts shrink when they miss and pause when they keep "
+        "missing; a step's decode and drafted tokens stay within 32; no drafts in a step of more than 64 requests). "
+        f"Copy-heavy turns: each kind in turn ({', '.join(AgentTrace.COPY_KINDS)}); chat "
         f"turns: a story, a description or a poem on a topic; {sequential_turns} one after another at 1 at once, at "
         f"most {max_tokens} output tokens each. "
         f"Random prompts: 128 random token ids, {random_tokens} output "

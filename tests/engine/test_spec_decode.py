@@ -213,3 +213,43 @@ def test_a_draft_the_grammar_refuses_is_cut_before_it_is_verified(llama_dir):
     assert engine.structured_output.valid_draft("r#0", cd + ab) == []
     assert engine.structured_output.valid_draft("r#0", ab) == ab  # the matcher was left where it was
     run_all(engine)
+
+
+def test_sessions_keep_their_kv_with_drafts(llama_dir):
+    """A session's turn with drafts leaves the same leased blocks as without, and its next turn finds them."""
+    first = random_prompt(40, seed=3)
+
+    def two_turns(spec: dict | None) -> tuple[list[int], int]:
+        engine = make_engine(llama_dir, speculative_config=spec)
+        params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+        engine.add_request(AddRequest("t1", first, params, session_id="s"))
+        reply = run_all(engine, leases=True).tokens[("t1", 0)]
+        engine.add_request(AddRequest("t2", first + reply + [7, 8, 9], params, session_id="s"))
+        run = run_all(engine, leases=True)
+        return run.tokens[("t2", 0)], run.firsts[("t2", 0)].num_cached_tokens
+
+    plain, drafted = two_turns(None), two_turns({**NGRAM, "prompt_lookup_min": 1})
+    assert drafted == plain and plain[1] >= 48  # the second turn found the first turn's blocks
+
+
+def test_a_steps_drafts_are_shared_out_within_max_tokens_per_step(llama_dir):
+    requests = [(random_prompt(9, seed=i), SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+                for i in range(6)]
+    plain, _ = run(llama_dir, requests)
+    engine = make_engine(llama_dir, speculative_config={**NGRAM, "num_speculative_tokens": 5,
+                                                        "max_tokens_per_step": 12})
+    engine.drafter.proposer = Oracle(reference_of(plain, requests))  # type: ignore[union-attr, assignment]
+    for i, (prompt, params) in enumerate(requests):
+        engine.add_request(AddRequest(f"r{i}", prompt, params))
+    schedule, drafted_steps = engine.scheduler.schedule, []
+
+    def recording_schedule():
+        out = schedule()
+        if out.spec_token_ids:
+            drafted_steps.append((len(out.num_scheduled_tokens), max(map(len, out.spec_token_ids.values()))))
+        return out
+
+    engine.scheduler.schedule = recording_schedule  # type: ignore[method-assign]
+    assert results(run_all(engine)) == results(plain)
+    # six requests decoding: (12 - 6) // 6 = 1 drafted token each
+    assert drafted_steps and all(longest == 1 for num, longest in drafted_steps if num == 6)

@@ -3,6 +3,7 @@ outputs as without (stop strings too), vLLM's spec_decode metrics and the accept
 clear errors for a bad config."""
 
 import argparse
+import asyncio
 import logging
 
 import pytest
@@ -113,3 +114,32 @@ def test_a_stop_string_inside_a_steps_tokens_ends_the_output_at_its_token(hf_tok
     assert at_once.token_ids == one_by_one.token_ids and len(at_once.token_ids) < len(token_ids)
     assert at_once.detokenizer.text == one_by_one.detokenizer.text == " one two "
     assert at_once.logprobs is not None and len(at_once.logprobs) == len(at_once.token_ids)
+
+
+def test_streamed_deltas_of_drafted_steps_add_up_to_the_output(llama_dir):
+    """A step that accepts a draft streams its tokens as one delta; the deltas add up to the output without drafts
+    (served streaming, tool-call parsing and stop strings all read these deltas)."""
+    from pagedserve import EngineArgs
+    from pagedserve.frontend.async_llm import AsyncLLM
+    from pagedserve.sampling_params import RequestOutputKind
+
+    prompt = PROMPTS[0]
+    expected = LLM(llama_dir, dtype="float32", max_model_len=256, num_kv_blocks=64).generate(
+        prompt, SamplingParams(max_tokens=32, temperature=0), use_tqdm=False)[0].outputs[0]
+    # suffix: the first request's output goes into the cache of past outputs, and drafts the second one's
+    args = EngineArgs(model=llama_dir, dtype="float32", max_model_len=256, num_kv_blocks=64,
+                      speculative_config={"method": "suffix"})
+
+    async def stream() -> list:
+        engine = AsyncLLM(args)
+        try:
+            params = SamplingParams(max_tokens=32, temperature=0, output_kind=RequestOutputKind.DELTA)
+            [out async for out in engine.generate(prompt, params, "first")]
+            return [out async for out in engine.generate(prompt, params, "s")]
+        finally:
+            await engine.shutdown()
+
+    deltas = asyncio.run(stream())
+    assert "".join(o.outputs[0].text for o in deltas) == expected.text
+    assert sum((o.outputs[0].token_ids for o in deltas), []) == expected.token_ids
+    assert len(deltas) < len(expected.token_ids)  # some deltas carried several tokens

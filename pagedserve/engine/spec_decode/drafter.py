@@ -5,7 +5,8 @@ Adaptive, so speculation runs only where it pays, since every drafted token cost
 - a request's drafts are at most 1 + twice its recent mean of accepted tokens (so k shrinks where drafts miss);
 - a request whose drafts miss twice in a row stops drafting for RETRY_STEPS steps, twice as long after each further
   miss (up to MAX_PAUSE_STEPS): a request whose drafts never hit costs a short draft every few hundred steps;
-- a step of more than `disable_by_batch_size` requests drafts nothing: a large batch is bound by compute, so the
+- a step's decode tokens and drafts together stay within `max_tokens_per_step`, shared out evenly, and a step of
+  more than `disable_by_batch_size` requests drafts nothing: past a few dozen rows a step is bound by compute, so
   drafted rows cost as much as real ones instead of riding on one read of the weights."""
 
 from dataclasses import dataclass, field
@@ -63,17 +64,23 @@ class Drafter:
     def propose(self, running: list[Request]) -> None:
         """Set `spec_token_ids` of each running request that decodes next (its tokens all known, one to
         compute)."""
-        drafting = self.active(len(running))
         for request in running:
             request.spec_token_ids = []
-            if not drafting or request.num_output_placeholders \
-                    or request.num_computed_tokens != request.num_tokens - 1:
-                continue
+        if not self.active(len(running)):
+            return
+        decoding = [r for r in running if not r.num_output_placeholders and r.num_computed_tokens == r.num_tokens - 1]
+        drafting = []
+        for request in decoding:
             track = self._track(request)
             if track.paused_steps:
                 track.paused_steps -= 1
-                continue
-            max_tokens = min(self._max_draft(request), track.max_draft)
+            else:
+                drafting.append(request)
+        if not drafting:
+            return
+        share = (self.config.max_tokens_per_step - len(decoding)) // len(drafting)
+        for request in drafting:
+            max_tokens = min(self._max_draft(request), self._track(request).max_draft, share)
             if max_tokens > 0:
                 request.spec_token_ids = self.proposer.propose(request.request_id, request.all_token_ids, max_tokens)
 
