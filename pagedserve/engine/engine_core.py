@@ -145,8 +145,9 @@ class EngineCore:
 
     def step(self) -> list[EngineCoreOutput]:
         outputs = self._admit_compiled()
-        if self.drafter is not None and self.drafter.active(len(self.scheduler.running)):
-            outputs += self._drain()  # a draft follows the request's latest token: it must be known
+        if self.drafter is not None:  # every step: it also clears the last step's drafts
+            if self.drafter.active(len(self.scheduler.running)):
+                outputs += self._drain()  # a draft follows the request's latest token: it must be known
             self.drafter.propose(self.scheduler.running)
             for request in self.scheduler.running:  # a constrained request's draft stops where its grammar does
                 if request.spec_token_ids and request.request_id in self.structured_output.matchers:

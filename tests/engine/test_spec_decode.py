@@ -253,3 +253,32 @@ def test_a_steps_drafts_are_shared_out_within_max_tokens_per_step(llama_dir):
     assert results(run_all(engine)) == results(plain)
     # six requests decoding: (12 - 6) // 6 = 1 drafted token each
     assert drafted_steps and all(longest == 1 for num, longest in drafted_steps if num == 6)
+
+
+def test_no_stale_draft_once_the_batch_outgrows_disable_by_batch_size(llama_dir):
+    """Drafts made while the batch was small are not scheduled in a later step where drafting is off."""
+    requests = [(random_prompt(9, seed=i), SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+                for i in range(4)]
+    plain, _ = run(llama_dir, requests)
+    engine = make_engine(llama_dir, speculative_config={**NGRAM, "disable_by_batch_size": 2})
+    engine.drafter.proposer = Oracle(reference_of(plain, requests))  # type: ignore[union-attr, assignment]
+    schedule, drafted_with = engine.scheduler.schedule, []
+
+    def recording_schedule():
+        running = len(engine.scheduler.running)  # what the drafter saw: waiting requests are admitted behind it
+        out = schedule()
+        if out.spec_token_ids:
+            drafted_with.append(running)
+        return out
+
+    engine.scheduler.schedule = recording_schedule  # type: ignore[method-assign]
+    for i, (prompt, params) in enumerate(requests[:2]):
+        engine.add_request(AddRequest(f"r{i}", prompt, params))
+    early = Run()
+    for _ in range(4):
+        for out in engine.step():
+            early.add(out)
+    for i, (prompt, params) in enumerate(requests[2:], 2):
+        engine.add_request(AddRequest(f"r{i}", prompt, params))
+    assert results(run_all(engine, early)) == results(plain)
+    assert drafted_with and max(drafted_with) <= 2

@@ -63,7 +63,7 @@ class Drafter:
 
     def propose(self, running: list[Request]) -> None:
         """Set `spec_token_ids` of each running request that decodes next (its tokens all known, one to
-        compute)."""
+        compute); clear everyone's last drafts first, also in a step that drafts nothing (not active)."""
         for request in running:
             request.spec_token_ids = []
         if not self.active(len(running)):
